@@ -1,0 +1,140 @@
+"""The decoder with DART at layer K: one implementation, run eagerly and exported to ONNX.
+
+`DartDecoder` wraps a Hugging Face Llama-family decoder stack (its layers, rotary embedding, final
+norm) and the LM head. It calls the layers itself with explicit position embeddings, an explicit
+additive causal mask and plain KV tensors (a tiny cache stand-in with an `update()` method), so
+the same module traces into one ONNX graph that serves prefill and decode:
+
+    inputs:  inputs_embeds (B, S, D), position_ids (B, S), span_start, span_len, quota (int64 []),
+             past KV of layers < K (B, Hkv, P_full, dh) and of layers >= K (B, Hkv, P_kept, dh)
+    outputs: logits of the last token (B, V), present KV (same two groups), kept positions (B, S')
+
+At the input of layer K, `torch.ops.dart.prune` picks the kept tokens from layer K-1's output
+(through the final RMSNorm) and its post-RoPE keys; hidden states, position embeddings and
+position ids are gathered, so kept tokens keep their original positions. span_len 0 keeps all
+tokens, which is how decode steps (and unpruned prompts) run through the same graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import dart_ops.torch_op  # noqa: F401  (registers torch.ops.dart.prune)
+
+
+class _KVStandIn:
+    """What HF attention layers need of a cache: update(k, v, layer_idx) -> full (k, v).
+
+    Keeps the new keys of every layer (post-RoPE, this step only) so DART can read layer K-1's.
+    """
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], first_layer: int):
+        self.past = past
+        self.first_layer = first_layer
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.new_keys: dict[int, torch.Tensor] = {}
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        past_k, past_v = self.past[layer_idx - self.first_layer]
+        self.new_keys[layer_idx] = key  # (B, Hkv, S, dh)
+        k = torch.cat([past_k, key], dim=2)  # (B, Hkv, P + S, dh)
+        v = torch.cat([past_v, value], dim=2)
+        self.present.append((k, v))
+        return k, v
+
+
+def causal_mask(q_len: int, past_len: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive mask (1, 1, q_len, past_len + q_len): query i sees keys j <= past_len + i."""
+    q = torch.arange(q_len, device=device).unsqueeze(1) + past_len  # (q, 1)
+    k = torch.arange(past_len + q_len, device=device).unsqueeze(0)  # (1, past + q)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(k <= q, zero, blocked)[None, None]
+
+
+class DartDecoder(nn.Module):
+    """Decoder layers + final norm + LM head of a Llama-family model, with DART at layer K.
+
+    text_model: the HF decoder stack (e.g. LlamaModel: .layers, .norm, .rotary_emb).
+    lm_head:    the output projection.
+    layer:      K, where pruning happens (layers < K see all S tokens, layers >= K see S').
+    """
+
+    def __init__(
+        self,
+        text_model: nn.Module,
+        lm_head: nn.Module,
+        layer: int = 2,
+        pivots_image: int = 4,
+        pivots_text: int = 4,
+    ):
+        super().__init__()
+        n_layers = len(text_model.layers)
+        if not 1 <= layer <= n_layers - 1:
+            raise ValueError(f"DART layer K={layer} must be in [1, {n_layers - 1}] for {n_layers} layers")
+        self.layers = text_model.layers
+        self.norm = text_model.norm
+        self.rotary_emb = text_model.rotary_emb
+        self.lm_head = lm_head
+        self.layer = layer
+        self.pivots_image = pivots_image
+        self.pivots_text = pivots_text
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _run_layers(self, h, cos_sin, mask, layers, cache):
+        for layer in layers:
+            h = layer(h, attention_mask=mask, past_key_values=cache, position_embeddings=cos_sin)
+        return h
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # (B, S, D)
+        position_ids: torch.Tensor,  # (B, S) int64
+        span_start: torch.Tensor,  # () int64
+        span_len: torch.Tensor,  # () int64; 0 = keep all tokens
+        quota: torch.Tensor,  # () int64, T tokens per pivot
+        past_low: list[tuple[torch.Tensor, torch.Tensor]],  # K x (B, Hkv, P_full, dh)
+        past_high: list[tuple[torch.Tensor, torch.Tensor]],  # (N-K) x (B, Hkv, P_kept, dh)
+    ):
+        K = self.layer
+        h = inputs_embeds
+        B, S, _ = h.shape
+        cos, sin = self.rotary_emb(h, position_ids)  # (B, S, dh) each
+
+        low = _KVStandIn(past_low, 0)
+        mask = causal_mask(S, past_low[0][0].shape[2], h.dtype, h.device)
+        h = self._run_layers(h, (cos, sin), mask, self.layers[:K], low)
+
+        # DART at the input of layer K: pivots and duplication from layer K-1's states.
+        keys = low.new_keys[K - 1]  # (B, Hkv, S, dh)
+        keys = keys.transpose(1, 2).reshape(B, S, -1)  # (B, S, Hkv * dh)
+        # The last prompt token predicts the next one, so it is never pruned.
+        span_len = torch.clamp(torch.minimum(span_len, S - 1 - span_start), min=0)
+        keep = torch.ops.dart.prune(
+            self.norm(h), keys, span_start, span_len, quota, self.pivots_image, self.pivots_text
+        )  # (B, S')
+        idx = keep.unsqueeze(-1)  # (B, S', 1)
+        h = torch.gather(h, 1, idx.expand(-1, -1, h.shape[-1]))  # (B, S', D)
+        cos = torch.gather(cos, 1, idx.expand(-1, -1, cos.shape[-1]))
+        sin = torch.gather(sin, 1, idx.expand(-1, -1, sin.shape[-1]))
+        kept_positions = torch.gather(position_ids, 1, keep)  # (B, S')
+
+        high = _KVStandIn(past_high, K)
+        mask = causal_mask(h.shape[1], past_high[0][0].shape[2], h.dtype, h.device)
+        h = self._run_layers(h, (cos, sin), mask, self.layers[K:], high)
+
+        logits = self.lm_head(self.norm(h[:, -1]))  # (B, V)
+        return logits, low.present, high.present, kept_positions
+
+    def empty_past(self, batch: int, dtype: torch.dtype, device=None):
+        """Zero-length past KV for both groups (what a prefill step passes)."""
+        attn = self.layers[0].self_attn
+        n_kv = attn.k_proj.out_features // attn.head_dim
+        empty = lambda: torch.zeros(batch, n_kv, 0, attn.head_dim, dtype=dtype, device=device)  # noqa: E731
+        low = [(empty(), empty()) for _ in range(self.layer)]
+        high = [(empty(), empty()) for _ in range(self.num_layers - self.layer)]
+        return low, high
