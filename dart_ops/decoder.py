@@ -138,3 +138,33 @@ class DartDecoder(nn.Module):
         low = [(empty(), empty()) for _ in range(self.layer)]
         high = [(empty(), empty()) for _ in range(self.num_layers - self.layer)]
         return low, high
+
+
+class FlatDecoder(nn.Module):
+    """`DartDecoder` with the KV cache as one flat tuple of tensors: the decoder graph's signature.
+
+    forward(inputs_embeds, position_ids, span_start, span_len, quota, past) where `past` is
+    (key_0, value_0, key_1, value_1, ...) over all layers (layers < K hold P_full entries, layers
+    >= K hold P_kept) and returns (logits, *present in the same order, kept_positions).
+    """
+
+    def __init__(self, decoder: DartDecoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def input_names(self) -> list[str]:
+        return ["inputs_embeds", "position_ids", "span_start", "span_len", "quota"] + self._kv("past")
+
+    def output_names(self) -> list[str]:
+        return ["logits"] + self._kv("present") + ["kept_positions"]
+
+    def _kv(self, prefix: str) -> list[str]:
+        return [f"{prefix}_{kind}_{i}" for i in range(self.decoder.num_layers) for kind in ("key", "value")]
+
+    def forward(self, inputs_embeds, position_ids, span_start, span_len, quota, past):
+        pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.decoder.num_layers)]
+        K = self.decoder.layer
+        logits, low, high, kept = self.decoder(
+            inputs_embeds, position_ids, span_start, span_len, quota, pairs[:K], pairs[K:]
+        )
+        return (logits, *[t for kv in low + high for t in kv], kept)

@@ -5,7 +5,7 @@ TensorRT's ONNX parser (which inlines local functions) builds it with no plugin.
 equal `dart_ops.reference.select_keep(..., order="canonical")` index for index.
 
     node:    keep = dart::DartPrune(hidden, keys, span_start, span_len, quota)
-                    <pivots_image: int = 4, pivots_text: int = 4>
+                    <pivots_image: int, pivots_text: int>   (both required on the node)
     hidden   (B, S, D) float32 or float16, layer K-1's output after the final RMSNorm
     keys     (B, S, F) float32 or float16, layer K-1's post-RoPE keys, heads concatenated
     span_start, span_len, quota   int64 scalars, shared by the whole batch
@@ -31,8 +31,14 @@ TopK has a constant K (a Constant node, <= spec.MAX_SPAN = 3840):
 The counts (effective pivots, clamped T, S') are scalar int64 arithmetic (Min, Max, Div, Mul,
 Where) on the inputs and on Constants that reference the pivots_image / pivots_text attributes
 (ref_attr_name), so after inlining they are constants and shape-input arithmetic.
-Also used: Shape, Gather, Slice, Unsqueeze, Expand, Range, Cast, Equal/Less/GreaterOrEqual/And/
-Or/Not, Add/Sub. ONNX TopK breaks ties towards the lower index, as the reference does.
+Also used: Shape, Gather, Slice, Unsqueeze, Expand, Transpose, Range, Cast, Equal/Less/
+GreaterOrEqual/And/Or/Not, Add/Sub. ONNX TopK breaks ties towards the lower index, as the
+reference does.
+
+Why K and the step count are `max_pivots` and not the attributes: a function body is one fixed
+node list for every call site, so it cannot be unrolled per attribute value; and a K taken from
+the attribute would be 0 for pivots_text = 0, an empty TopK that TensorRT may not accept. The attributes only
+enter the runtime counts, so unused slots cost a few no-op steps.
 
 Limits: span_len <= MAX_SPAN (else the op fails at run time); pivots_image + pivots_text <=
 max_pivots (the number of unrolled steps, MAX_PIVOTS = 16 by default; checked by the builders
@@ -45,14 +51,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dart_ops.spec import MAX_SPAN, OP_DOMAIN, OP_NAME, OP_VERSION
-
-# Steps unrolled in the function body: the node's pivots_image + pivots_text may not exceed this.
-MAX_PIVOTS = 16
+from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, OP_DOMAIN, OP_NAME, OP_VERSION
 # ONNX Runtime 1.31 refuses the IR 14 that onnx 1.23 writes by default.
 IR_VERSION = 10
 INPUTS = ("hidden", "keys", "span_start", "span_len", "quota")
 OUTPUT = "keep"
+ATTRIBUTES = ("pivots_image", "pivots_text")
 _DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
@@ -207,10 +211,11 @@ def dart_prune_function(opset: int = 17, max_pivots: int = MAX_PIVOTS) -> onnx.F
         raise ValueError(f"DartPrune needs opset >= 17, got {opset}")
     if not 1 <= max_pivots <= MAX_SPAN // 2:
         raise ValueError(f"max_pivots must be in [1, {MAX_SPAN // 2}], got {max_pivots}")
-    defaults = [helper.make_attribute("pivots_image", 4), helper.make_attribute("pivots_text", 4)]
+    # Plain attribute names, no attribute_proto defaults: onnx 1.23's inliner does not apply
+    # defaults (it leaves the referencing Constant empty), so every node must set both.
     return helper.make_function(
         OP_DOMAIN, OP_NAME, list(INPUTS), [OUTPUT], _body(opset, max_pivots),
-        [helper.make_opsetid("", opset)], attribute_protos=defaults,
+        [helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),
         doc_string=f"DART token selection (canonical pivot order), up to {max_pivots} pivots.")
 
 

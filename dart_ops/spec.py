@@ -26,6 +26,8 @@ OP_VERSION = 1
 # TensorRT's TopK takes a constant K of at most 3840; DartPrune pads its per-token score vectors
 # to this length, so a vision span may hold at most this many tokens.
 MAX_SPAN = 3840
+# DartPrune's function body unrolls this many pivot steps: pivots_image + pivots_text <= MAX_PIVOTS.
+MAX_PIVOTS = 16
 
 PIVOT_ORDERS = ("canonical", "cpython")
 
@@ -118,6 +120,11 @@ class DartConfig:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.pivots_image + self.pivots_text == 0:
             raise ValueError("at least one pivot is needed (pivots_image + pivots_text >= 1)")
+        if self.pivots_image + self.pivots_text > MAX_PIVOTS:
+            raise ValueError(
+                f"pivots_image + pivots_text must be <= {MAX_PIVOTS} (steps unrolled in DartPrune), "
+                f"got {self.pivots_image}+{self.pivots_text}"
+            )
         if (self.keep_ratio is None) == (self.budget is None):
             raise ValueError("give exactly one of keep_ratio and budget")
         if self.keep_ratio is not None:

@@ -70,6 +70,7 @@ def test_no_pivot_at_all_keeps_everything():
         (dict(layer=-1), "layer"),
         (dict(pivots_image=-1), "pivots_image"),
         (dict(pivots_image=0, pivots_text=0), "at least one pivot"),
+        (dict(pivots_image=9, pivots_text=8), "<= 16"),
         (dict(keep_ratio=0.5, budget=10), "exactly one"),
         (dict(keep_ratio=None, budget=-3), "budget"),
         (dict(order="python"), "order"),

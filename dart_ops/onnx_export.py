@@ -1,0 +1,86 @@
+"""Glue between `torch.onnx.export` and the DartPrune ONNX op.
+
+We export with the dynamo exporter (`torch.onnx.export(..., dynamo=True)`): the TorchScript
+exporter (`dynamo=False`) is deprecated in torch 2.9+, and the dynamo exporter's
+`custom_translation_table` maps our custom op `torch.ops.dart.prune` to exactly one
+`dart::DartPrune` node. The fake kernel's output length is an unbacked size; the graph after it
+stays dynamic. The HF attention must be "eager" for export (SDPA's GQA path guards on the pruned
+length).
+
+After export, `attach_dart_function` ships the op's body (dart_ops.onnx_op.dart_prune_function)
+as a model-local function, so ONNX Runtime and TensorRT's parser run the model with no plugin,
+and sets the IR version ONNX Runtime 1.31 accepts.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx.defs import OpSchema
+
+from dart_ops import spec
+from dart_ops.onnx_op import IR_VERSION, dart_prune_function
+
+
+def register_schema() -> None:
+    """Register DartPrune's signature with onnx (idempotent), so onnxscript, which the dynamo
+    exporter uses to build the graph, can emit the node."""
+    if onnx.defs.has(spec.OP_NAME, spec.OP_VERSION, spec.OP_DOMAIN):
+        return
+    formal = OpSchema.FormalParameter
+    schema = OpSchema(
+        spec.OP_NAME,
+        spec.OP_DOMAIN,
+        spec.OP_VERSION,
+        inputs=[
+            formal("hidden", "T"),
+            formal("keys", "T"),
+            formal("span_start", "tensor(int64)"),
+            formal("span_len", "tensor(int64)"),
+            formal("quota", "tensor(int64)"),
+        ],
+        outputs=[formal("keep", "tensor(int64)")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "hidden and keys")],
+        attributes=[
+            OpSchema.Attribute("pivots_image", OpSchema.AttrType.INT, "image pivots"),
+            OpSchema.Attribute("pivots_text", OpSchema.AttrType.INT, "text pivots"),
+        ],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def translation_table() -> dict:
+    """`custom_translation_table` for torch.onnx.export: dart::prune -> one dart::DartPrune node."""
+    import torch
+    from onnxscript.values import Opset
+
+    import dart_ops.torch_op  # noqa: F401  (registers torch.ops.dart.prune)
+
+    register_schema()
+    dart = Opset(spec.OP_DOMAIN, spec.OP_VERSION)
+
+    def dart_prune(hidden, keys, span_start, span_len, quota, pivots_image: int, pivots_text: int):
+        return dart.DartPrune(
+            hidden, keys, span_start, span_len, quota, pivots_image=pivots_image, pivots_text=pivots_text
+        )
+
+    return {torch.ops.dart.prune.default: dart_prune}
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ValueError("model imports no default-domain opset")
+
+
+def attach_dart_function(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add DartPrune's function (matching the model's opset) and the `dart` opset import if the
+    graph uses the op; set the IR version ONNX Runtime accepts. Modifies and returns `model`."""
+    uses_op = any(n.domain == spec.OP_DOMAIN and n.op_type == spec.OP_NAME for n in model.graph.node)
+    if uses_op:
+        if not any(f.domain == spec.OP_DOMAIN and f.name == spec.OP_NAME for f in model.functions):
+            model.functions.append(dart_prune_function(default_opset(model)))
+        if not any(e.domain == spec.OP_DOMAIN for e in model.opset_import):
+            model.opset_import.append(onnx.helper.make_opsetid(spec.OP_DOMAIN, spec.OP_VERSION))
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    return model

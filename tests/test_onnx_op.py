@@ -1,0 +1,243 @@
+"""dart::DartPrune (ONNX function, run by ONNX Runtime) against the PyTorch reference and the
+golden file: keep indices must be equal element for element, length included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.inliner
+import onnxruntime as ort
+import pytest
+import torch
+
+from dart_ops import onnx_op
+from dart_ops.reference import select_keep
+from dart_ops.spec import MAX_SPAN, OP_DOMAIN, OP_NAME, effective_counts
+
+GOLDEN = Path(__file__).parent / "data" / "dart_llava_golden.npz"
+FORBIDDEN = {"NonZero", "Loop", "If", "Scan"}
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with np.load(GOLDEN, allow_pickle=False) as d:
+        return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="module")
+def session():
+    """session(pivots_image, pivots_text, opset=17, **kw): one ORT session per config, reused."""
+    cache = {}
+
+    def get(pi, pt, opset=17, **kw):
+        key = (pi, pt, opset, tuple(sorted(kw.items())))
+        if key not in cache:
+            model = onnx_op.standalone_model(pi, pt, opset, **kw)
+            cache[key] = ort.InferenceSession(
+                model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return cache[key]
+
+    return get
+
+
+def reference(hidden, keys, a, L, q, pi, pt):
+    """select_keep on the fp32 upcast of the inputs; a negative quota counts as 0 (the op clamps)."""
+    h = torch.from_numpy(np.asarray(hidden, np.float32))
+    k = torch.from_numpy(np.asarray(keys, np.float32))
+    return select_keep(h, k, a, L, max(q, 0), pivots_image=pi, pivots_text=pt,
+                       order="canonical").numpy()
+
+
+def check(sess, hidden, keys, a, L, q, pi, pt):
+    got = onnx_op.run_standalone(sess, hidden, keys, a, L, q)
+    want = reference(hidden, keys, a, L, q, pi, pt)
+    S = hidden.shape[-2]
+    assert got.dtype == np.int64
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.array_equal(got, want), f"a={a} L={L} q={q} pivots={pi}+{pt}"
+    kept = effective_counts(L, S - a - L, max(q, 0), pi, pt).kept_len(S)
+    assert got.shape[-1] == kept
+    return got
+
+
+def tied_case(rng, S, batch=2, dim=16, key_dim=8, n_hidden=5, n_keys=6):
+    """Inputs full of exact ties: hidden rows are power-of-two multiples of a few random +-1
+    vectors (norms and cosines exact in fp32 and fp16: multiples of 1/dim) and key rows are a
+    few small-integer vectors (exact L1 norms). Distinct cosines are checked to be far apart."""
+    while True:
+        signs = rng.choice([-1.0, 1.0], size=(batch, n_hidden, dim))
+        scale = rng.choice([0.5, 1.0, 2.0], size=(batch, S, 1))
+        which = rng.integers(0, n_hidden, size=(batch, S))
+        hidden = np.stack([signs[b][which[b]] for b in range(batch)]) * scale  # (B, S, dim)
+        pool = rng.integers(-3, 4, size=(batch, n_keys, key_dim)).astype(np.float64)
+        keys = np.stack([pool[b][rng.integers(0, n_keys, size=S)] for b in range(batch)])
+        unit = signs / np.linalg.norm(signs, axis=-1, keepdims=True)
+        cos = np.unique(np.round(unit @ unit.transpose(0, 2, 1), 12))  # every pivot-token value
+        if np.all(np.diff(cos) > 1e-4):
+            return hidden.astype(np.float32), keys.astype(np.float32)
+
+
+# --- golden -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("i", range(24))
+def test_golden(golden, session, i):
+    a, L, T, pi, pt, S = golden[f"c{i}_meta"].tolist()
+    hidden, keys = golden[f"c{i}_sim"], golden[f"c{i}_keys"]
+    got = check(session(pi, pt), hidden, keys, a, L, T, pi, pt)
+    assert np.array_equal(got, golden[f"c{i}_keep_canonical"])
+
+
+# --- random cases with exact ties ---------------------------------------------------------------
+
+@pytest.mark.parametrize("pi,pt", [(4, 4), (1, 1), (2, 6), (8, 0), (8, 8)])
+@pytest.mark.parametrize("seed", range(3))
+def test_ties_batch_quotas(session, pi, pt, seed):
+    rng = np.random.default_rng(100 * seed + 10 * pi + pt)
+    a = int(rng.integers(0, 20))
+    L = int(rng.integers(40, 200))
+    S = a + L + int(rng.integers(0, 30))
+    hidden, keys = tied_case(rng, S)
+    c = effective_counts(L, S - a - L, 10**6, pi, pt)
+    sess = session(pi, pt)
+    for q in (0, 1, max(c.quota // 2, 1), c.quota, c.quota + 5, 10**6):
+        got = check(sess, hidden, keys, a, L, q, pi, pt)
+        assert got.shape[0] == 2
+    # the two batch items really differ, and each row equals its own single-sample reference
+    assert not np.array_equal(got[0], got[1]) or c.kept_vision == L
+    for b in range(2):
+        check(sess, hidden[b], keys[b], a, L, 3, pi, pt)
+
+
+def test_ties_really_tie():
+    """The generator produces duplicate L1 scores and duplicate cosines inside the span."""
+    hidden, keys = tied_case(np.random.default_rng(0), 120)
+    assert len(np.unique(np.abs(keys[0]).sum(-1))) < 30
+    assert len(np.unique(hidden[0] / np.linalg.norm(hidden[0], axis=-1, keepdims=True),
+                         axis=0)) <= 5
+
+
+def test_float16(golden):
+    sess16 = ort.InferenceSession(onnx_op.standalone_model(4, 4, dtype="float16")
+                                  .SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    for a, L, tail in [(5, 150, 20), (0, 96, 3), (30, 64, 0)]:
+        hidden, keys = tied_case(rng, a + L + tail)
+        h16, k16 = hidden.astype(np.float16), keys.astype(np.float16)
+        for q in (0, 2, 7, 1000):
+            got = onnx_op.run_standalone(sess16, h16, k16, a, L, q)
+            want = reference(h16.astype(np.float32), k16.astype(np.float32), a, L, q, 4, 4)
+            assert np.array_equal(got, want)
+
+
+# --- degenerate inputs --------------------------------------------------------------------------
+
+DEGENERATE = [  # (label, S, a, L, q)
+    ("no image", 50, 10, 0, 5),
+    ("no image at all, S tokens", 7, 0, 0, 3),
+    ("span at the very end", 60, 10, 50, 3),
+    ("fewer text tokens than pivots", 62, 10, 50, 3),
+    ("L < pivots_image", 30, 5, 2, 3),
+    ("L == pivots_image", 30, 5, 4, 3),
+    ("L == pivots_image + 1", 30, 5, 5, 3),
+    ("span_start 0", 60, 0, 40, 2),
+    ("whole sequence is the span", 64, 0, 64, 4),
+    ("single token span", 20, 5, 1, 2),
+    ("quota 0", 80, 8, 60, 0),
+    ("huge quota", 80, 8, 60, 10**9),
+    ("negative quota counts as 0", 80, 8, 60, -4),
+    ("P*T == L - P_img", 40, 2, 28, 3),
+]
+
+
+@pytest.mark.parametrize("pi,pt", [(4, 4), (8, 0), (1, 3)])
+@pytest.mark.parametrize("label,S,a,L,q", DEGENERATE, ids=[d[0] for d in DEGENERATE])
+def test_degenerate(session, label, S, a, L, q, pi, pt):
+    hidden, keys = tied_case(np.random.default_rng(S + a + L), S)
+    got = check(session(pi, pt), hidden, keys, a, L, q, pi, pt)
+    if L == 0 or pi >= L:  # no image, or every vision token is an image pivot
+        assert np.array_equal(got, np.broadcast_to(np.arange(S), got.shape))
+
+
+def test_no_pivots_keeps_everything(session):
+    hidden, keys = tied_case(np.random.default_rng(3), 40)
+    assert np.array_equal(check(session(0, 0), hidden, keys, 5, 30, 2, 0, 0),
+                          np.tile(np.arange(40), (2, 1)))
+    # image pivots 0, text pivots but no text after the span: P = 0, nothing pruned
+    assert check(session(0, 4), hidden, keys, 5, 35, 2, 0, 4).shape == (2, 40)
+
+
+def test_max_span(session):
+    rng = np.random.default_rng(11)
+    S, a = MAX_SPAN + 12, 4
+    hidden = rng.standard_normal((1, S, 8)).astype(np.float32)
+    keys = rng.standard_normal((1, S, 8)).astype(np.float32)
+    got = onnx_op.run_standalone(session(4, 4), hidden, keys, a, MAX_SPAN, 100)
+    assert got.shape == (1, S - MAX_SPAN + 4 + 8 * 100)
+    with pytest.raises(Exception):  # a longer span fails instead of being cut silently
+        onnx_op.run_standalone(session(4, 4), hidden[:, :S - 1], keys[:, :S - 1], 0, MAX_SPAN + 1, 5)
+
+
+# --- structure ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_structure(opset):
+    model = onnx_op.standalone_model(4, 4, opset)
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version == 10
+    assert [(n.op_type, n.domain) for n in model.graph.node] == [(OP_NAME, OP_DOMAIN)]
+    assert {o.domain: o.version for o in model.opset_import} == {"": opset, OP_DOMAIN: 1}
+    (fn,) = model.functions
+    assert (fn.domain, fn.name) == (OP_DOMAIN, OP_NAME)
+    assert [(o.domain, o.version) for o in fn.opset_import] == [("", opset)]
+    assert all(n.domain in ("", "ai.onnx") for n in fn.node)
+    assert list(fn.attribute) == ["pivots_image", "pivots_text"]
+    refs = {a.ref_attr_name for n in fn.node for a in n.attribute if a.ref_attr_name}
+    assert refs == {"pivots_image", "pivots_text"}
+
+    flat = onnx.inliner.inline_local_functions(model)
+    onnx.checker.check_model(flat, full_check=True)
+    ops = [n.op_type for n in flat.graph.node]
+    assert not FORBIDDEN & set(ops)
+    assert not any(a.ref_attr_name for n in flat.graph.node for a in n.attribute)
+    consts = {o: onnx.numpy_helper.to_array(n.attribute[0].t)
+              for n in flat.graph.node if n.op_type == "Constant" and n.attribute[0].name == "value"
+              for o in n.output}
+    consts.update({t.name: onnx.numpy_helper.to_array(t) for t in flat.graph.initializer})
+    topk = [n for n in flat.graph.node if n.op_type == "TopK"]
+    assert len(topk) == 2 + onnx_op.MAX_PIVOTS
+    for n in topk:
+        assert n.input[1] in consts, f"TopK K {n.input[1]} is not a constant"
+        assert 1 <= int(consts[n.input[1]].item()) <= MAX_SPAN
+
+
+def test_inlined_model_runs(golden):
+    flat = onnx.inliner.inline_local_functions(onnx_op.standalone_model(2, 6))
+    sess = ort.InferenceSession(flat.SerializeToString(), providers=["CPUExecutionProvider"])
+    a, L, T, pi, pt, _ = golden["c14_meta"].tolist()
+    got = onnx_op.run_standalone(sess, golden["c14_sim"], golden["c14_keys"], a, L, T)
+    assert np.array_equal(got, golden["c14_keep_canonical"])
+
+
+def test_pivot_attributes_validated():
+    with pytest.raises(ValueError):
+        onnx_op.standalone_model(12, 8)  # 20 > MAX_PIVOTS
+    with pytest.raises(ValueError):
+        onnx_op.standalone_model(-1, 4)
+    with pytest.raises(ValueError):
+        onnx_op.dart_prune_function(16)
+
+
+# --- opset 18, exact-size unroll ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [{"opset": 18}, {"max_pivots": 8}, {"opset": 18, "max_pivots": 8}])
+def test_variants(golden, session, kw):
+    sess = session(4, 4, **kw)
+    for i in (0, 7, 23):
+        a, L, T, pi, pt, _ = golden[f"c{i}_meta"].tolist()
+        got = check(sess, golden[f"c{i}_sim"], golden[f"c{i}_keys"], a, L, T, pi, pt)
+        assert np.array_equal(got, golden[f"c{i}_keep_canonical"])
+    hidden, keys = tied_case(np.random.default_rng(5), 90)
+    for q in (0, 3, 100):
+        check(sess, hidden, keys, 6, 70, q, 4, 4)
