@@ -1,1 +1,95 @@
-"""Model families, one module each."""
+"""Model families, one module each, registered by name. Dispatch is a dict lookup.
+
+A family knows how to load its models (presets and local Hugging Face checkpoints), which torch
+modules form the three stages (vision_encoder, embed_tokens, decoder), and what the torch-free
+runtime needs to feed them (preprocessing, prompt template, token ids). LLaVA-NeXT (variable
+vision-token counts) and Qwen2-VL (M-RoPE positions) plug in as further modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+_FAMILIES: dict[str, "Family"] = {}
+
+
+class UnknownModel(ValueError):
+    """--model names no preset of any family and no checkpoint directory."""
+
+
+@dataclass
+class Loaded:
+    """A model ready to export: the HF model, and what the runtime needs alongside the graphs."""
+
+    family: "Family"
+    name: str  # preset name or checkpoint directory
+    model: Any  # torch.nn.Module (eval mode)
+    tokenizer_json: str  # contents of tokenizer.json
+    preprocess: dict
+    prompt: dict
+    tokens: dict
+    image_seq_len: int
+    save_checkpoint: Callable[[Path], None] | None = None  # for weights that exist nowhere else
+    extra: dict = field(default_factory=dict)
+
+
+class Family:
+    """Interface of a model family. Subclasses register one instance with `register`."""
+
+    name: str = ""
+    presets: dict[str, str] = {}  # preset name -> description
+
+    def accepts_checkpoint(self, config: dict) -> bool:  # config.json of a local checkpoint
+        raise NotImplementedError
+
+    def load(self, model: str, dtype) -> Loaded:
+        raise NotImplementedError
+
+    def stage_modules(self, loaded: Loaded, dart) -> dict:
+        """{"vision_encoder": module, "embed_tokens": module, "decoder": FlatDecoder}."""
+        raise NotImplementedError
+
+
+def register(family: Family) -> Family:
+    if family.name in _FAMILIES:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    _import_all()
+    return dict(_FAMILIES)
+
+
+def presets() -> dict[str, Family]:
+    """Every preset name -> its family."""
+    return {p: f for f in families().values() for p in f.presets}
+
+
+def resolve(model: str) -> Family:
+    """The family of a preset name or a local checkpoint directory (by its config.json)."""
+    table = presets()
+    if model in table:
+        return table[model]
+    path = Path(model)
+    if path.is_dir():
+        import json
+
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise UnknownModel(f"{model} has no config.json: not a Hugging Face checkpoint directory")
+        cfg = json.loads(cfg_path.read_text())
+        for fam in families().values():
+            if fam.accepts_checkpoint(cfg):
+                return fam
+        raise UnknownModel(f"{model}: model_type {cfg.get('model_type')!r} is not supported "
+                           f"(families: {', '.join(sorted(families()))})")
+    raise UnknownModel(f"unknown model {model!r}: use a preset ({', '.join(sorted(table))}) "
+                       "or a local Hugging Face checkpoint directory")
+
+
+def _import_all() -> None:
+    from export.families import llava  # noqa: F401  (registers itself)

@@ -1,0 +1,37 @@
+"""Dynamic axes, declared once by name with min/opt/max. ONNX dynamic shapes, the manifest (and
+from it TensorRT profiles and runtime checks) all derive from this one declaration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    def torch_dim(self):
+        import torch
+
+        # torch.export cannot mark 0 as a lower bound for every op; it is fine for the past dims.
+        return torch.export.Dim(self.name, min=self.min, max=self.max)
+
+
+def declare(max_batch: int, max_seq: int, max_context: int, image_seq_len: int) -> dict[str, Axis]:
+    """batch, seq (prompt or step length), past_full (KV of layers < K), past_kept (layers >= K)."""
+    if max_seq > max_context:
+        raise ValueError(f"max seq {max_seq} exceeds max context {max_context}")
+    opt_seq = min(max_seq, image_seq_len + 64)
+    return {
+        "batch": Axis("batch", 1, 1, max_batch),
+        "seq": Axis("seq", 1, opt_seq, max_seq),
+        "past_full": Axis("past_full", 0, opt_seq, max_context),
+        "past_kept": Axis("past_kept", 0, min(opt_seq, 128), max_context),
+    }
+
+
+def to_manifest(axes: dict[str, Axis]) -> dict:
+    return {name: {k: v for k, v in asdict(a).items() if k != "name"} for name, a in axes.items()}

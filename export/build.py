@@ -1,0 +1,248 @@
+"""Export a vision-language model with DART inside into an engine directory.
+
+    python -m export.build --model llava-tiny --ratio 0.111
+    python -m export.build --model llava --ratio 0.111 --out engines/llava
+    python -m export.build --model /path/to/llava-checkpoint --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dart_ops.spec import DartConfig
+
+log = logging.getLogger("export.build")
+
+EPILOG = """examples:
+  python -m export.build --model llava-tiny --ratio 0.111        # tiny random model, no download
+  python -m export.build --model llava --out engines/llava        # llava-hf/llava-1.5-7b-hf from the HF cache
+  python -m export.build --model ./my-llava-checkpoint --dry-run  # print what would be exported
+"""
+
+
+class BuildError(RuntimeError):
+    """A failure the user can act on (reported as one line, exit 1)."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: str
+    out: Path
+    dart: DartConfig
+    dtype: str = "fp32"
+    opset: int = 18
+    max_seq: int = 2048
+    max_context: int = 4096
+    max_batch: int = 4
+    validate: bool = True
+    dry_run: bool = False
+    verbose: bool = False
+
+
+def parse_args(argv=None) -> BuildConfig:
+    p = argparse.ArgumentParser(
+        prog="python -m export.build", description="Export a VLM with DART token pruning to ONNX.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", required=True,
+                   help="preset (llava, llava-tiny) or a local Hugging Face checkpoint directory")
+    m.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weights and activations (default: fp32)")
+    d = p.add_argument_group("DART")
+    d.add_argument("--ratio", type=float, default=0.111,
+                   help="default keep ratio of vision tokens, in (0, 1]; the runtime can override it (default: 0.111)")
+    d.add_argument("--layer", type=int, default=2, help="prune at the input of decoder layer K (default: 2)")
+    d.add_argument("--pivots-image", type=int, default=4, help="image pivot tokens (default: 4)")
+    d.add_argument("--pivots-text", type=int, default=4, help="text pivot tokens (default: 4)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=None, help="engine directory (default: engines/<model>)")
+    o.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    o.add_argument("--max-seq", type=int, default=2048, help="longest prompt in tokens (default: 2048)")
+    o.add_argument("--max-context", type=int, default=4096, help="prompt + generated tokens (default: 4096)")
+    o.add_argument("--max-batch", type=int, default=4, help="largest batch (default: 4)")
+    o.add_argument("--no-validate", action="store_true", help="skip the comparison with eager PyTorch")
+    o.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+    o.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    a = p.parse_args(argv)
+    try:
+        dart = DartConfig(layer=a.layer, pivots_image=a.pivots_image, pivots_text=a.pivots_text, keep_ratio=a.ratio)
+    except ValueError as e:
+        p.error(str(e))
+    if a.opset < 17:
+        p.error(f"--opset must be >= 17 (DartPrune's body needs it), got {a.opset}")
+    for flag, value in (("--max-seq", a.max_seq), ("--max-context", a.max_context), ("--max-batch", a.max_batch)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if a.max_seq > a.max_context:
+        p.error(f"--max-seq {a.max_seq} exceeds --max-context {a.max_context}")
+    out = a.out if a.out is not None else Path("engines") / Path(a.model.rstrip("/")).name
+    return BuildConfig(a.model, out, dart, a.dtype, a.opset, a.max_seq, a.max_context, a.max_batch,
+                       not a.no_validate, a.dry_run, a.verbose)
+
+
+def _prepare_out(out: Path) -> Path:
+    """Refuse to clobber a non-engine directory; return the temporary build directory."""
+    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise BuildError(f"--out {out} exists and is not an engine directory; choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Atomic replace: a half-written directory never sits at `out`."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Export `cfg.model` into `cfg.out`; returns the manifest. Raises BuildError, ValueError,
+    export.families.UnknownModel, export.validate.ValidationError."""
+    from export import families
+
+    family = families.resolve(cfg.model)
+    if cfg.dry_run:
+        return {}
+    import torch
+    from tqdm import tqdm
+
+    from export import manifest, stages
+    from export.axes import declare, to_manifest
+    from export.validate import validate
+
+    dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
+    t_start = time.perf_counter()
+    tmp = _prepare_out(cfg.out)
+    try:
+        steps = tqdm(total=6, desc="export", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
+        steps.set_postfix_str("loading model")
+        loaded = family.load(cfg.model, dtype)
+        n_layers = loaded.model.config.text_config.num_hidden_layers
+        if not 1 <= cfg.dart.layer < n_layers:
+            raise BuildError(f"--layer {cfg.dart.layer} must be in [1, {n_layers - 1}] for this {n_layers}-layer decoder")
+        modules = loaded.family.stage_modules(loaded, cfg.dart)
+        dims = stages.decoder_dims(modules["decoder"])
+        axes = declare(cfg.max_batch, cfg.max_seq, cfg.max_context, loaded.image_seq_len)
+        image_size = loaded.preprocess["image_size"]
+        steps.update()
+        files: list[str] = []
+        with stages.eager_attention(loaded.model), torch.no_grad():
+            for stage, fn, args in (
+                ("vision_encoder", stages.export_vision_encoder, (modules["vision_encoder"], image_size, axes, dtype)),
+                ("embed_tokens", stages.export_embed_tokens, (modules["embed_tokens"], axes)),
+                ("decoder", stages.export_decoder, (modules["decoder"], dims, axes, dtype)),
+            ):
+                steps.set_postfix_str(stage)
+                files += stages.timed(stage, fn, *args, cfg.opset, tmp)
+                steps.update()
+            (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
+            files.append("tokenizer.json")
+            if cfg.validate:
+                steps.set_postfix_str("validating")
+                validate(tmp, modules, dims, image_size, loaded.image_seq_len,
+                         lambda L, after: cfg.dart.counts(L, after), dtype,
+                         tol=1e-4 if dtype == torch.float32 else 2e-2)
+            steps.update()
+        if loaded.save_checkpoint is not None:
+            loaded.save_checkpoint(tmp / "checkpoint")
+        steps.update()
+        tokens = dict(loaded.tokens)
+        result = manifest.write(tmp, {
+            "family": family.name,
+            "model": cfg.model,
+            "dtype": "float16" if dtype == torch.float16 else "float32",
+            "opset": cfg.opset,
+            "dart": {"layer": cfg.dart.layer, "pivots_image": cfg.dart.pivots_image,
+                     "pivots_text": cfg.dart.pivots_text, "keep_ratio": cfg.dart.keep_ratio,
+                     "max_span": 3840},
+            "stages": _stage_signatures(modules["decoder"], dims, image_size, loaded.image_seq_len, cfg.dtype),
+            "decoder": dims,
+            "dynamic_axes": to_manifest(axes),
+            "max_context": cfg.max_context,
+            "tokens": tokens,
+            "preprocess": loaded.preprocess,
+            "prompt": loaded.prompt,
+        }, files)
+        steps.update()
+        steps.close()
+        _publish(tmp, cfg.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("export: %s done in %.1f s -> %s", cfg.model, time.perf_counter() - t_start, cfg.out)
+    return result
+
+
+def _stage_signatures(flat, dims, image_size, n_vision, dtype_name) -> dict:
+    f = "float16" if dtype_name == "fp16" else "float32"
+    D = dims["hidden_size"]
+    t = lambda name, dtype, shape: {"name": name, "dtype": dtype, "shape": shape}  # noqa: E731
+    K = flat.decoder.layer
+    kv = lambda prefix: [  # noqa: E731
+        t(n, f, ["batch", dims["num_kv_heads"], "past_full" if i // 2 < K else "past_kept", dims["head_dim"]])
+        for i, n in enumerate(flat._kv(prefix))
+    ]
+    present = [dict(x, shape=[x["shape"][0], x["shape"][1], "seq + " + x["shape"][2], x["shape"][3]]) for x in kv("present")]
+    return {
+        "vision_encoder": {"file": "vision_encoder.onnx",
+                           "inputs": [t("pixel_values", f, ["batch", 3, image_size, image_size])],
+                           "outputs": [t("image_features", f, ["batch", n_vision, D])]},
+        "embed_tokens": {"file": "embed_tokens.onnx",
+                         "inputs": [t("input_ids", "int64", ["batch", "seq"])],
+                         "outputs": [t("inputs_embeds", f, ["batch", "seq", D])]},
+        "decoder": {"file": "decoder.onnx",
+                    "inputs": [t("inputs_embeds", f, ["batch", "seq", D]), t("position_ids", "int64", ["batch", "seq"]),
+                               t("span_start", "int64", []), t("span_len", "int64", []), t("quota", "int64", []),
+                               *kv("past")],
+                    "outputs": [t("logits", f, ["batch", dims["vocab_size"]]), *present,
+                                t("kept_positions", "int64", ["batch", "kept"])]},
+    }
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not cfg.verbose:
+        for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+    from export.families import UnknownModel
+
+    try:
+        if cfg.dry_run:
+            build(cfg)
+        log.info("%s: K=%d, pivots %d+%d, keep ratio %g: %s; %s, opset %d, max seq %d, context %d -> %s",
+                 cfg.model, cfg.dart.layer, cfg.dart.pivots_image, cfg.dart.pivots_text, cfg.dart.keep_ratio,
+                 cfg.dart.describe(576, 40) if cfg.model.startswith("llava") else "vision tokens from the checkpoint",
+                 cfg.dtype, cfg.opset, cfg.max_seq, cfg.max_context, cfg.out)
+        if cfg.dry_run:
+            return 0
+        build(cfg)
+    except UnknownModel as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 1
+    except Exception as e:  # one line for the user, the traceback with -v
+        if cfg.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {type(e).__name__ if not isinstance(e, BuildError) else 'build'}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""One interface for running a graph, so backends (ONNX Runtime now, TensorRT later) can be swapped
+and compared: `stage.run(feeds) -> outputs`, both dicts of numpy arrays keyed by tensor name."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+# Short names accepted by load(providers=...) and the CLI's --provider.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class Stage(Protocol):
+    """A runnable graph: named numpy inputs in, named numpy outputs out."""
+
+    name: str
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def resolve_providers(names: Sequence[str] | None) -> list[str]:
+    """ONNX Runtime provider names for short ("cpu", "cuda", "tensorrt") or full names.
+
+    None means CPU. CPU is appended as the fallback for nodes a GPU provider does not take.
+    Raises EngineError when a requested provider is not in this onnxruntime build.
+    """
+    names = ["cpu"] if not names else list(names)
+    available = ort.get_available_providers()
+    resolved = []
+    for name in names:
+        full = PROVIDERS.get(name.lower(), name) if isinstance(name, str) else name
+        if full not in PROVIDERS.values():
+            raise EngineError(f"unknown provider {name!r}; use one of {', '.join(PROVIDERS)}")
+        if full not in available:
+            raise EngineError(
+                f"provider {name!r} ({full}) is not available in this onnxruntime build (available: "
+                f"{', '.join(available)}); CUDA and TensorRT need onnxruntime-gpu instead of onnxruntime"
+            )
+        if full not in resolved:
+            resolved.append(full)
+    if "CPUExecutionProvider" not in resolved:
+        resolved.append("CPUExecutionProvider")
+    return resolved
+
+
+class OrtStage:
+    """A graph run by an onnxruntime InferenceSession.
+
+    threads: intra-op thread count (None: ONNX Runtime's default, one per physical core).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+        name: str | None = None,
+    ):
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.providers = resolve_providers(providers)
+        opts = ort.SessionOptions()
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3  # errors only; ORT warns about every CPU fallback node
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise EngineError(f"{self.path.name}: onnxruntime cannot load it ({_first_line(exc)}); "
+                              "re-export the engine") from exc
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        log.info("%s: loaded %s on %s", self.name, self.path.name, ", ".join(self.session.get_providers()))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outputs = self.session.run(self.output_names, feeds)
+        except Exception as exc:
+            raise EngineError(f"{self.name}: onnxruntime failed ({_first_line(exc)})") from exc
+        return dict(zip(self.output_names, outputs))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
