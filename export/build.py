@@ -217,19 +217,19 @@ def main(argv=None) -> int:
     if not cfg.verbose:
         for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-    from export.families import UnknownModel
+    from export import families
 
     try:
-        if cfg.dry_run:
-            build(cfg)
-        log.info("%s: K=%d, pivots %d+%d, keep ratio %g: %s; %s, opset %d, max seq %d, context %d -> %s",
-                 cfg.model, cfg.dart.layer, cfg.dart.pivots_image, cfg.dart.pivots_text, cfg.dart.keep_ratio,
-                 cfg.dart.describe(576, 40) if cfg.model.startswith("llava") else "vision tokens from the checkpoint",
-                 cfg.dtype, cfg.opset, cfg.max_seq, cfg.max_context, cfg.out)
+        family = families.resolve(cfg.model)
+        n_vision = family.vision_tokens(cfg.model)
+        log.info("%s (%s): K=%d, pivots %d+%d, keep ratio %g: %s; %s, opset %d, max seq %d, context %d -> %s",
+                 cfg.model, family.name, cfg.dart.layer, cfg.dart.pivots_image, cfg.dart.pivots_text,
+                 cfg.dart.keep_ratio, cfg.dart.describe(n_vision, 40), cfg.dtype, cfg.opset, cfg.max_seq,
+                 cfg.max_context, cfg.out)
         if cfg.dry_run:
             return 0
         build(cfg)
-    except UnknownModel as e:
+    except families.UnknownModel as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -47,6 +47,10 @@ class Family:
     def load(self, model: str, dtype) -> Loaded:
         raise NotImplementedError
 
+    def vision_tokens(self, model: str) -> int:
+        """Vision tokens per image, without loading weights (for --dry-run)."""
+        raise NotImplementedError
+
     def stage_modules(self, loaded: Loaded, dart) -> dict:
         """{"vision_encoder": module, "embed_tokens": module, "decoder": FlatDecoder}."""
         raise NotImplementedError

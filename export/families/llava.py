@@ -134,6 +134,14 @@ class LlavaFamily(Family):
     def accepts_checkpoint(self, config: dict) -> bool:
         return config.get("model_type") == "llava"
 
+    def vision_tokens(self, model: str) -> int:
+        if model in self.presets:
+            return (IMAGE_SIZE // PATCH_SIZE) ** 2
+        import json
+
+        vision = json.loads((Path(model) / "config.json").read_text()).get("vision_config", {})
+        return (vision.get("image_size", IMAGE_SIZE) // vision.get("patch_size", PATCH_SIZE)) ** 2
+
     def load(self, model: str, dtype) -> Loaded:
         if model == "llava-tiny":
             hf = build_tiny_model(seed=0).to(dtype)

@@ -1,0 +1,88 @@
+"""Prompt building with the engine's tokenizer.json (HF `tokenizers`, no transformers).
+
+    text = template.format(prompt=...)  (template_text_only without an image)
+    ids  = tokenizer.encode(text, add_special_tokens=...)      # one image token
+    ids  = expand_image_tokens(ids)                             # image_seq_len image tokens
+    a, L = find_span(ids, image_token_id)                       # where vision features go
+
+User-given input_ids may hold one image token (expanded here) or an already expanded run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from runtime.errors import EngineError, InputError
+from runtime.manifest import PromptSpec, TokenSpec
+
+
+def find_span(ids: Sequence[int], image_token_id: int) -> tuple[int, int]:
+    """(start, length) of the run of image tokens in `ids`; (0, 0) when there is none.
+
+    Raises InputError when the image tokens are not one contiguous run (two images, or text
+    between vision tokens): the engines take one image.
+    """
+    where = np.flatnonzero(np.asarray(ids, dtype=np.int64) == image_token_id)
+    if where.size == 0:
+        return 0, 0
+    start, length = int(where[0]), int(where.size)
+    if int(where[-1]) - start + 1 != length:
+        raise InputError(f"the prompt's {length} image tokens (id {image_token_id}) are not one contiguous "
+                         "run; give one image with one image token")
+    return start, length
+
+
+def expand_image_tokens(ids: Sequence[int], image_token_id: int, image_seq_len: int) -> list[int]:
+    """Replace a single image token by `image_seq_len` copies; an already expanded run of exactly
+    `image_seq_len` tokens is kept as is. Anything else raises InputError."""
+    ids = [int(i) for i in ids]
+    start, length = find_span(ids, image_token_id)
+    if length == 0 or length == image_seq_len:
+        return ids
+    if length == 1:
+        return ids[:start] + [image_token_id] * image_seq_len + ids[start + 1:]
+    raise InputError(f"the prompt has {length} image tokens (id {image_token_id}); give one image token "
+                     f"or a run of exactly {image_seq_len} (this engine's vision tokens per image)")
+
+
+class PromptBuilder:
+    """Chat template + tokenizer of one engine."""
+
+    def __init__(self, tokenizer_path: str | Path, prompt: PromptSpec, tokens: TokenSpec):
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # tokenizers raises a plain Exception on bad files
+            raise EngineError(f"{Path(tokenizer_path).name}: cannot load the tokenizer ({exc}); "
+                              "re-export the engine") from exc
+        self.spec = prompt
+        self.tokens = tokens
+        for name, template in (("template", prompt.template), ("template_text_only", prompt.template_text_only)):
+            if "{prompt}" not in template:
+                raise EngineError(f"manifest.json: prompt.{name} has no '{{prompt}}' field; re-export the engine")
+        found = self.tokenizer.token_to_id(tokens.image_token)
+        if found != tokens.image_token_id:
+            raise EngineError(f"tokenizer.json maps the image token {tokens.image_token!r} to {found}, but the "
+                              f"manifest says {tokens.image_token_id}; re-export the engine")
+
+    def encode(self, prompt: str, with_image: bool) -> list[int]:
+        """Token ids of the templated prompt, image token expanded (with_image) or absent."""
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        template = self.spec.template if with_image else self.spec.template_text_only
+        text = template.format(prompt=prompt)
+        ids = self.tokenizer.encode(text, add_special_tokens=self.spec.add_special_tokens).ids
+        n = sum(1 for i in ids if i == self.tokens.image_token_id)
+        if n != (1 if with_image else 0):
+            raise InputError(f"the prompt text must not contain {self.tokens.image_token!r}: the template adds "
+                             "the image token itself (pass the image separately)")
+        return self.expand(ids)
+
+    def expand(self, ids: Sequence[int]) -> list[int]:
+        return expand_image_tokens(ids, self.tokens.image_token_id, self.tokens.image_seq_len)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
