@@ -35,3 +35,15 @@ def tiny_llava():
     from export.families.llava import build_tiny_model
 
     return build_tiny_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """llava-tiny exported once per test session (about 30 s): (engine_dir, manifest dict)."""
+    import json
+
+    from export.build import build, parse_args
+
+    out = tmp_path_factory.mktemp("engines") / "llava-tiny"
+    build(parse_args(["--model", "llava-tiny", "--ratio", "0.111", "--out", str(out)]))
+    return out, json.loads((out / "manifest.json").read_text())
