@@ -202,6 +202,18 @@ def _three(d: dict, key: str, where: str) -> tuple[float, float, float]:
     return (float(v[0]), float(v[1]), float(v[2]))
 
 
+def parse_preprocess(pre: dict) -> PreprocessSpec:
+    """The manifest's "preprocess" object (also what preprocess() accepts as a plain dict)."""
+    return PreprocessSpec(
+        image_size=_get(pre, "image_size", int, "preprocess."),
+        pad_to_square=_get(pre, "pad_to_square", bool, "preprocess."),
+        resample=_get(pre, "resample", str, "preprocess."),
+        rescale=_num(pre, "rescale", "preprocess."),
+        mean=_three(pre, "mean", "preprocess."),
+        std=_three(pre, "std", "preprocess."),
+    )
+
+
 def parse_manifest(raw: dict, directory: Path) -> Manifest:
     """Manifest from the decoded JSON object (format and version already checked)."""
     dart = _get(raw, "dart", dict, "")
@@ -229,11 +241,13 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
             raise _fail(f"'dynamic_axes.{name}' must be an object with min, opt, max")
         w = f"dynamic_axes.{name}."
         axes[name] = Axis(_get(a, "min", int, w), _get(a, "opt", int, w), _get(a, "max", int, w))
+    # Inputs' dynamic dims must be declared (they bound what the runtime may feed and become TensorRT
+    # profiles); outputs may have derived dims ("kept", "seq + past_full") that are only labels.
     for stage_name, stage in stages.items():
-        for t in stage.inputs + stage.outputs:
+        for t in stage.inputs:
             for dim in t.shape:
                 if isinstance(dim, str) and dim not in axes:
-                    raise _fail(f"stages.{stage_name} tensor '{t.name}' uses axis '{dim}' "
+                    raise _fail(f"stages.{stage_name} input '{t.name}' uses axis '{dim}' "
                                 "that dynamic_axes does not declare")
 
     return Manifest(
@@ -263,14 +277,7 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
             bos_token_id=_get(tok, "bos_token_id", (int, type(None)), "tokens.", default=None),
             pad_token_id=_get(tok, "pad_token_id", (int, type(None)), "tokens.", default=None),
         ),
-        preprocess=PreprocessSpec(
-            image_size=_get(pre, "image_size", int, "preprocess."),
-            pad_to_square=_get(pre, "pad_to_square", bool, "preprocess."),
-            resample=_get(pre, "resample", str, "preprocess."),
-            rescale=_num(pre, "rescale", "preprocess."),
-            mean=_three(pre, "mean", "preprocess."),
-            std=_three(pre, "std", "preprocess."),
-        ),
+        preprocess=parse_preprocess(pre),
         prompt=PromptSpec(
             template=_get(prm, "template", str, "prompt."),
             template_text_only=_get(prm, "template_text_only", str, "prompt."),

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from runtime.errors import EngineError, InputError
-from runtime.manifest import PreprocessSpec
+from runtime.manifest import PreprocessSpec, parse_preprocess
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
@@ -63,8 +63,11 @@ def expand2square(image: Image.Image, color: tuple[int, int, int]) -> Image.Imag
     return out
 
 
-def preprocess(image: ImageLike, spec: PreprocessSpec) -> np.ndarray:
-    """pixel_values (1, 3, S, S) float32 for the vision encoder, S = spec.image_size."""
+def preprocess(image: ImageLike, spec: PreprocessSpec | dict) -> np.ndarray:
+    """pixel_values (1, 3, S, S) float32 for the vision encoder, S = spec.image_size. `spec` is the
+    manifest's PreprocessSpec or its "preprocess" object as a plain dict."""
+    if isinstance(spec, dict):
+        spec = parse_preprocess(spec)
     resample = _RESAMPLE.get(spec.resample.lower())
     if resample is None:
         raise EngineError(f"manifest.json: preprocess.resample {spec.resample!r} is not one of "

@@ -63,6 +63,8 @@ class PromptBuilder:
         for name, template in (("template", prompt.template), ("template_text_only", prompt.template_text_only)):
             if "{prompt}" not in template:
                 raise EngineError(f"manifest.json: prompt.{name} has no '{{prompt}}' field; re-export the engine")
+        if tokens.image_token not in prompt.template:
+            raise EngineError(f"manifest.json: prompt.template has no {tokens.image_token!r}; re-export the engine")
         found = self.tokenizer.token_to_id(tokens.image_token)
         if found != tokens.image_token_id:
             raise EngineError(f"tokenizer.json maps the image token {tokens.image_token!r} to {found}, but the "

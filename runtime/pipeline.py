@@ -1,0 +1,333 @@
+"""The generate loop: vision encoder -> embeddings -> decoder prefill (DART at layer K) -> decode.
+
+    pipe = runtime.load("engines/llava-tiny")
+    out = pipe.generate("What is in the picture?", image="cat.jpg", keep_ratio=0.111)
+    out.text, out.token_ids, out.kept_positions, out.timings
+
+Batch 1. Prefill feeds the whole prompt with empty past KV and the vision span; the decoder prunes
+the span at layer K and returns the kept positions. Each decode step feeds one token at position
+S + t (S = unpruned prompt length) with span_len 0 and the previous step's present KV.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from dart_ops.spec import DartConfig
+from runtime.errors import EngineError, InputError
+from runtime.manifest import STAGE_NAMES, TOKENIZER_NAME, Manifest, read_manifest
+from runtime.preprocess import ImageLike, preprocess
+from runtime.prompt import PromptBuilder, find_span
+from runtime.sampling import Sampler
+from runtime.stage import OrtStage, Stage
+
+log = logging.getLogger(__name__)
+
+DECODER_INPUTS = ("inputs_embeds", "position_ids", "span_start", "span_len", "quota")
+DECODER_OUTPUTS = ("logits", "kept_positions")
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """What generate() returns.
+
+    token_ids:      generated ids only, without the prompt and without the final eos (if reached).
+    text:           token_ids decoded, special tokens skipped.
+    kept_positions: prompt positions the decoder kept at layer K (all of them when not pruned).
+    timings:        vision_ms, embed_ms, prefill_ms, decode_ms, total_ms (and preprocess_ms),
+                    tokens_per_s (decode steps per second after prefill), prompt_tokens,
+                    kept_tokens, vision_tokens, kept_vision_tokens, new_tokens, decode_steps.
+    keep_ratio:     the ratio used.
+    first_logits:   (V,) float32 logits of the prefill step (what chose the first new token).
+    """
+
+    token_ids: list[int]
+    text: str
+    kept_positions: list[int]
+    timings: dict[str, float]
+    keep_ratio: float
+    first_logits: np.ndarray | None = None
+
+
+def _np_dtype(name: str, where: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError as exc:
+        raise EngineError(f"{where}: dtype {name!r} is not supported by the numpy runtime") from exc
+
+
+def _scalar(v: int) -> np.ndarray:
+    return np.array(v, dtype=np.int64)  # 0-d int64, as the decoder's span_start/span_len/quota
+
+
+class Pipeline:
+    """One engine, ready to generate. Build with `runtime.load(engine_dir)`; tests may pass their
+    own `stages` (anything with the Stage interface) and `prompt` builder."""
+
+    def __init__(self, manifest: Manifest, stages: dict[str, Stage], prompt: PromptBuilder):
+        self.manifest = manifest
+        self.vision = stages["vision_encoder"]
+        self.embed = stages["embed_tokens"]
+        self.decoder = stages["decoder"]
+        self.prompt = prompt
+        for name, stage in stages.items():
+            _check_names(name, stage, manifest)
+        self._check_decoder()
+        dec_spec = manifest.stages["decoder"]
+        self.embeds_dtype = _np_dtype(_spec_dtype(dec_spec, "inputs_embeds", manifest.dtype), "decoder")
+        vis_spec, emb_spec = manifest.stages["vision_encoder"], manifest.stages["embed_tokens"]
+        self.pixel_name, self.features_name = vis_spec.inputs[0].name, vis_spec.outputs[0].name
+        self.pixel_dtype = _np_dtype(vis_spec.inputs[0].dtype, "vision_encoder")
+        self.ids_name, self.embeds_name = emb_spec.inputs[0].name, emb_spec.outputs[0].name
+        # past_key_0 -> present_key_0, ...: how one step's outputs feed the next step's inputs.
+        self.past_names = [n for n in self.decoder.input_names if n.startswith("past_")]
+        self.present_for = {n: "present_" + n[len("past_"):] for n in self.past_names}
+        kv_shape = (1, manifest.decoder.num_kv_heads, 0, manifest.decoder.head_dim)
+        self.empty_past = {
+            n: np.zeros(kv_shape, _np_dtype(_spec_dtype(dec_spec, n, manifest.dtype), "decoder"))
+            for n in self.past_names
+        }
+
+    def _check_decoder(self) -> None:
+        names, outs = set(self.decoder.input_names), set(self.decoder.output_names)
+        missing = [n for n in DECODER_INPUTS if n not in names] + [n for n in DECODER_OUTPUTS if n not in outs]
+        past = [n for n in names if n.startswith("past_")]
+        missing += [f"present_{n[5:]}" for n in past if f"present_{n[5:]}" not in outs]
+        if missing or len(past) != 2 * self.manifest.decoder.num_layers:
+            raise EngineError(f"decoder: graph does not have the decoder interface (missing {missing or 'none'}, "
+                              f"{len(past)} past inputs for {self.manifest.decoder.num_layers} layers); re-export")
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.embed.run({self.ids_name: ids})[self.embeds_name]
+
+    # --- inputs -----------------------------------------------------------------------------------
+
+    def _prompt_ids(self, prompt, input_ids, with_image: bool) -> list[int]:
+        if prompt is not None and input_ids is not None:
+            raise InputError("give either prompt or input_ids, not both")
+        if prompt is None and input_ids is None:
+            raise InputError("give a prompt (text) or input_ids (a full prompt with one image token)")
+        if prompt is not None:
+            return self.prompt.encode(prompt, with_image)
+        arr = np.asarray(input_ids)
+        if arr.ndim == 2 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"input_ids must be a non-empty 1-D (or [1, S]) sequence of ints, got shape "
+                             f"{arr.shape} dtype {arr.dtype} (batch 1 only)")
+        vocab = self.manifest.decoder.vocab_size
+        if arr.min() < 0 or arr.max() >= vocab:
+            raise InputError(f"input_ids must be in [0, {vocab}), got values from {arr.min()} to {arr.max()}")
+        return self.prompt.expand(arr.tolist())
+
+    def _pixels(self, image, pixel_values) -> np.ndarray | None:
+        if image is not None and pixel_values is not None:
+            raise InputError("give either image or pixel_values, not both")
+        if image is not None:
+            return preprocess(image, self.manifest.preprocess).astype(self.pixel_dtype, copy=False)
+        if pixel_values is None:
+            return None
+        size = self.manifest.preprocess.image_size
+        pv = np.asarray(pixel_values)
+        if pv.shape != (1, 3, size, size) or not np.issubdtype(pv.dtype, np.floating):
+            raise InputError(f"pixel_values must be float [1, 3, {size}, {size}], got {pv.dtype} {list(pv.shape)}")
+        return pv.astype(self.pixel_dtype, copy=False)
+
+    def _check_length(self, S: int, max_new_tokens: int) -> None:
+        m = self.manifest
+        if S > m.max_seq:
+            raise InputError(f"prompt has {S} tokens; this engine was exported for at most {m.max_seq} "
+                             "(re-export with --max-seq)")
+        if S + max_new_tokens > m.max_context:
+            raise InputError(f"prompt has {S} tokens and max_new_tokens is {max_new_tokens}: {S + max_new_tokens} "
+                             f"> this engine's max_context {m.max_context} (lower max_new_tokens or re-export "
+                             "with --max-seq)")
+
+    def resolve_ratio(self, keep_ratio: float | None) -> float:
+        r = self.manifest.dart.keep_ratio if keep_ratio is None else keep_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or math.isnan(r) or not 0.0 < r <= 1.0:
+            raise InputError(f"keep ratio must be in (0, 1] (1.0 keeps every vision token), got {r!r}")
+        return float(r)
+
+    # --- generate ---------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        image: ImageLike | None = None,
+        *,
+        input_ids: Sequence[int] | np.ndarray | None = None,
+        pixel_values: np.ndarray | None = None,
+        keep_ratio: float | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stream: Callable[[str], None] | None = None,
+    ) -> GenerateOutput:
+        """Answer one prompt (batch 1). Stops at an eos token (not included in token_ids) or after
+        max_new_tokens. `stream` receives each new piece of text as soon as it decodes cleanly."""
+        m = self.manifest
+        t_start = time.perf_counter()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        ratio = self.resolve_ratio(keep_ratio)
+        sampler = Sampler(temperature, top_p, seed)
+
+        pixels = self._pixels(image, pixel_values)
+        ids = self._prompt_ids(prompt, input_ids, with_image=pixels is not None)
+        S = len(ids)
+        a, L = find_span(ids, m.tokens.image_token_id)
+        if L and pixels is None:
+            raise InputError("the prompt has image tokens but no image was given; pass image= or pixel_values=")
+        if pixels is not None and not L:
+            raise InputError("an image was given but input_ids hold no image token; add one where the image goes")
+        self._check_length(S, max_new_tokens)
+        t_pre = time.perf_counter()
+
+        dart = m.dart
+        counts = DartConfig(dart.layer, dart.pivots_image, dart.pivots_text, keep_ratio=ratio).counts(L, S - a - L)
+        span_len = L if counts.prune else 0
+        if span_len > dart.max_span:
+            raise EngineError(f"vision span of {L} tokens exceeds the engine's max_span {dart.max_span}")
+
+        t0 = time.perf_counter()
+        features = None
+        if pixels is not None:
+            features = self.vision.run({self.pixel_name: pixels})[self.features_name]  # (1, N, D)
+        t1 = time.perf_counter()
+        embeds = self._embed(np.asarray([ids], dtype=np.int64))  # (1, S, D)
+        embeds = embeds.astype(self.embeds_dtype, copy=False)
+        if features is not None:
+            if features.shape[0] != 1 or features.shape[1] != L or features.shape[2] != embeds.shape[2]:
+                raise EngineError(f"vision_encoder returned features {list(features.shape)} for {L} image tokens "
+                                  f"of width {embeds.shape[2]} (tokens.image_seq_len disagrees); re-export")
+            embeds = embeds.copy()
+            embeds[0, a:a + L] = features[0]
+        t2 = time.perf_counter()
+
+        out = self.decoder.run({
+            "inputs_embeds": embeds,
+            "position_ids": np.arange(S, dtype=np.int64)[None],  # (1, S)
+            "span_start": _scalar(a),
+            "span_len": _scalar(span_len),
+            "quota": _scalar(counts.quota),
+            **self.empty_past,
+        })
+        kept = [int(p) for p in out["kept_positions"][0]]
+        t3 = time.perf_counter()
+
+        tokens: list[int] = []
+        streamer = _Streamer(self.prompt.decode, stream) if stream else None
+        eos = set(m.tokens.eos_token_ids)
+        steps = 0
+        first_logits = out["logits"][0].astype(np.float32)
+        for t in range(max_new_tokens):
+            tok = sampler(out["logits"][0])
+            if tok in eos:
+                break
+            tokens.append(tok)
+            if streamer:
+                streamer.push(tokens)
+            if t + 1 == max_new_tokens:
+                break
+            emb = self._embed(np.array([[tok]], dtype=np.int64))  # (1, 1, D)
+            out = self.decoder.run({
+                "inputs_embeds": emb.astype(self.embeds_dtype, copy=False),
+                "position_ids": np.array([[S + t]], dtype=np.int64),
+                "span_start": _scalar(0),
+                "span_len": _scalar(0),
+                "quota": _scalar(0),
+                **{n: out[self.present_for[n]] for n in self.past_names},
+            })
+            steps += 1
+        text = self.prompt.decode(tokens)
+        if streamer:
+            streamer.finish(text)
+        t4 = time.perf_counter()
+
+        decode_s = t4 - t3
+        timings = {
+            "preprocess_ms": 1e3 * (t_pre - t_start),
+            "vision_ms": 1e3 * (t1 - t0),
+            "embed_ms": 1e3 * (t2 - t1),
+            "prefill_ms": 1e3 * (t3 - t2),
+            "decode_ms": 1e3 * decode_s,
+            "total_ms": 1e3 * (t4 - t_start),
+            "tokens_per_s": steps / decode_s if steps and decode_s > 0 else 0.0,
+            "prompt_tokens": S,
+            "kept_tokens": len(kept),
+            "vision_tokens": L,
+            "kept_vision_tokens": sum(1 for p in kept if a <= p < a + L),
+            "new_tokens": len(tokens),
+            "decode_steps": steps,
+        }
+        log.info("generate: S=%d, span [%d, %d), ratio %.3f -> T=%d, kept %d; %d new tokens",
+                 S, a, a + L, ratio, counts.quota, len(kept), len(tokens))
+        return GenerateOutput(tokens, text, kept, timings, ratio, first_logits)
+
+
+class _Streamer:
+    """Incremental detokenisation: decode all generated ids, emit the new suffix. Holds back text
+    ending in U+FFFD (a multi-byte character cut in the middle) until it completes."""
+
+    def __init__(self, decode: Callable[[list[int]], str], sink: Callable[[str], None]):
+        self.decode = decode
+        self.sink = sink
+        self.sent = ""
+
+    def push(self, tokens: list[int]) -> None:
+        text = self.decode(tokens)
+        if not text.endswith("\ufffd"):
+            self._emit(text)
+
+    def finish(self, text: str) -> None:
+        self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        if len(text) > len(self.sent):
+            self.sink(text[len(self.sent):])
+            self.sent = text
+
+
+def _spec_dtype(stage, name: str, default: str) -> str:
+    spec = stage.input(name)
+    return spec.dtype if spec else default
+
+
+def _check_names(name: str, stage: Stage, manifest: Manifest) -> None:
+    spec = manifest.stages[name]
+    want_in, want_out = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+    if set(stage.input_names) != set(want_in) or set(stage.output_names) != set(want_out):
+        raise EngineError(f"{spec.file}: graph inputs {stage.input_names} / outputs {stage.output_names} differ "
+                          f"from manifest.json's {want_in} / {want_out}; re-export the engine")
+
+
+def load(
+    engine_dir: str | Path,
+    providers: Sequence[str] | None = None,
+    *,
+    threads: int | None = None,
+    verify: bool = True,
+) -> Pipeline:
+    """Open an engine directory: validate manifest.json (and, with `verify`, every file's sha256),
+    open the three stages with ONNX Runtime on `providers` ("cpu", "cuda", "tensorrt"; default
+    CPU) and load the tokenizer."""
+    t0 = time.perf_counter()
+    manifest = read_manifest(engine_dir, verify=verify)
+    stages = {
+        name: OrtStage(manifest.path(manifest.stages[name].file), providers, threads=threads, name=name)
+        for name in STAGE_NAMES
+    }
+    prompt = PromptBuilder(manifest.path(TOKENIZER_NAME), manifest.prompt, manifest.tokens)
+    pipe = Pipeline(manifest, stages, prompt)
+    log.info("load: %s (%s, K=%d, default ratio %.3f) in %.2f s", manifest.directory, manifest.model,
+             manifest.dart.layer, manifest.dart.keep_ratio, time.perf_counter() - t0)
+    return pipe
