@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -148,7 +148,7 @@ class Pipeline:
         if S + max_new_tokens > m.max_context:
             raise InputError(f"prompt has {S} tokens and max_new_tokens is {max_new_tokens}: {S + max_new_tokens} "
                              f"> this engine's max_context {m.max_context} (lower max_new_tokens or re-export "
-                             "with --max-seq)")
+                             "with --max-context)")
 
     def resolve_ratio(self, keep_ratio: float | None) -> float:
         r = self.manifest.dart.keep_ratio if keep_ratio is None else keep_ratio

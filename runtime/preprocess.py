@@ -10,7 +10,6 @@ colour is int(255 * mean) per channel (truncated, as in LLaVA's own code and in 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -18,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from runtime.errors import EngineError, InputError
 from runtime.manifest import PreprocessSpec, parse_preprocess
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray]
+ImageLike = str | Path | Image.Image | np.ndarray
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,

@@ -10,8 +10,8 @@ User-given input_ids may hold one image token (expanded here) or an already expa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer

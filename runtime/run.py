@@ -58,7 +58,7 @@ def _bounded(kind, low, name: str, strict: bool = False):
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if v != v or (v <= low if strict else v < low):
+        if math.isnan(v) or (v <= low if strict else v < low):
             raise argparse.ArgumentTypeError(f"{name} must be {'>' if strict else '>='} {low}, got {text}")
         return v
     return parse

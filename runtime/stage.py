@@ -4,8 +4,9 @@ and compared: `stage.run(feeds) -> outputs`, both dicts of numpy arrays keyed by
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort

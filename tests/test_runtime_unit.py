@@ -32,7 +32,7 @@ from runtime.sampling import Sampler, nucleus
 from runtime.stage import OrtStage
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def _weights(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    w = lambda *shape, scale=1.0: (rng.normal(size=shape) * scale).astype(np.float32)  # noqa: E731
+    w = lambda *shape, scale=1.0: (rng.normal(size=shape) * scale).astype(np.float32)
     weights = {
         "W_v": w(3 * IMG * IMG // L, D, scale=0.3),  # pixels -> image features
         "W_e": w(V, D),  # token embeddings
@@ -136,8 +136,8 @@ def _decoder_graph(w):
         n("Add", ["s1", "t_last"], ["s2"]),
         n("Add", ["s2", "t_pos"], ["logits"]),
     ]
-    kv = lambda name, past: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 1, past, D])  # noqa: E731
-    scalar = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, [])  # noqa: E731
+    kv = lambda name, past: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 1, past, D])
+    scalar = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, [])
     inputs = [
         helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", D]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
@@ -175,7 +175,7 @@ def _spec(name, dtype, shape):
 
 
 def make_manifest(files: dict[str, Path], eos=EOS, keep_ratio: float = 0.5, **overrides) -> dict:
-    kv = lambda name, past: _spec(name, "float32", ["batch", 1, past, D])  # noqa: E731
+    kv = lambda name, past: _spec(name, "float32", ["batch", 1, past, D])
     m = {
         "format": "dart-vlm-engine", "format_version": 1, "family": "fake", "model": "fake-tiny",
         "dtype": "float32", "opset": 17,
@@ -543,7 +543,7 @@ def test_greedy_is_argmax():
 
 def test_sampling_seeded_and_distribution():
     logits = np.log(np.array([0.5, 0.3, 0.2]))
-    draw = lambda seed: _many(Sampler(1.0, 1.0, seed=seed), logits, 200)  # noqa: E731
+    draw = lambda seed: _many(Sampler(1.0, 1.0, seed=seed), logits, 200)
     assert draw(7) == draw(7)
     assert draw(7) != draw(8)
     freq = np.bincount(_many(Sampler(1.0, seed=0), logits, 20000), minlength=3) / 20000
@@ -588,6 +588,7 @@ def test_generate_matches_reference(pipe, photo):
         out = pipe.generate("what is this", image=photo, keep_ratio=ratio, max_new_tokens=10)
         assert out.token_ids == want and out.kept_positions == want_kept and out.keep_ratio == ratio
         assert out.text == pipe.prompt.decode(want)
+        assert out.first_logits.shape == (V,) and int(np.argmax(out.first_logits)) == want[0]
         answers[ratio] = out.token_ids
     assert answers[1.0] != answers[0.25] != answers[0.5]  # pruning changes the answer
     # ratio 0.5 of 8 vision tokens: budget 4, T = 4 // 2 = 2, keep 1 + 2 * 2 = 5 of 8
@@ -617,9 +618,9 @@ def test_generate_input_paths_agree(pipe, photo):
     ids_one = pipe.prompt.tokenizer.encode(TEMPLATE.format(prompt="a red cat")).ids  # one image token
     assert ids_one.count(IMAGE_ID) == 1
     for kwargs in (
-        dict(input_ids=ids_one, pixel_values=pv),
-        dict(input_ids=np.array([pipe.prompt.expand(ids_one)]), image=photo),  # expanded, [1, S]
-        dict(prompt="a red cat", image=Image.open(photo)),
+        {"input_ids": ids_one, "pixel_values": pv},
+        {"input_ids": np.array([pipe.prompt.expand(ids_one)]), "image": photo},  # expanded, [1, S]
+        {"prompt": "a red cat", "image": Image.open(photo)},
     ):
         out = pipe.generate(max_new_tokens=6, **kwargs)
         assert out.token_ids == ref.token_ids and out.kept_positions == ref.kept_positions
@@ -701,7 +702,7 @@ def test_load_rejects_graph_manifest_mismatch(engine, tmp_path):
 def _run_py(code: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, *([("-c"), code] if code else []), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
 
 
 def test_runtime_runs_without_torch(engine, photo):
