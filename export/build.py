@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dart_ops.spec import DartConfig
+from dart_ops.spec import MAX_SPAN, DartConfig
 
 log = logging.getLogger("export.build")
 
@@ -166,7 +166,7 @@ def build(cfg: BuildConfig) -> dict:
             "opset": cfg.opset,
             "dart": {"layer": cfg.dart.layer, "pivots_image": cfg.dart.pivots_image,
                      "pivots_text": cfg.dart.pivots_text, "keep_ratio": cfg.dart.keep_ratio,
-                     "max_span": 3840},
+                     "max_span": MAX_SPAN},
             "stages": _stage_signatures(modules["decoder"], dims, image_size, loaded.image_seq_len, cfg.dtype),
             "decoder": dims,
             "dynamic_axes": to_manifest(axes),
