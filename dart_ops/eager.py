@@ -39,6 +39,11 @@ def find_image_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[int, 
     return spans.pop()
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _scalar(x: int) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.long)
 
@@ -90,8 +95,11 @@ class EagerDart:
         keep_ratio: float | None = None,
         max_new_tokens: int = 32,
         eos_token_id: int | None = None,
+        streamer=None,
     ) -> EagerOutput:
-        """Greedy decoding. `keep_ratio` overrides the config's (1.0 = no pruning)."""
+        """Greedy decoding. `keep_ratio` overrides the config's (1.0 = no pruning). `streamer`
+        follows Hugging Face's protocol: put(prompt ids), put(each new token, shape (B,)), end().
+        Timings synchronise CUDA before reading the clock."""
         cfg = self.config
         if keep_ratio is not None:
             cfg = DartConfig(cfg.layer, cfg.pivots_image, cfg.pivots_text, keep_ratio=keep_ratio)
@@ -102,6 +110,9 @@ class EagerDart:
         counts = cfg.counts(L, S - a - L)
         span_len = L if counts.prune else 0  # span length 0 = nothing to prune
 
+        if streamer is not None:
+            streamer.put(input_ids)
+        _sync(input_ids.device)
         t0 = time.perf_counter()
         embeds = self.embed(input_ids, pixel_values)
         dtype = embeds.dtype
@@ -111,6 +122,8 @@ class EagerDart:
             embeds, positions, _scalar(a), _scalar(span_len), _scalar(counts.quota), past_low, past_high
         )
         first_logits = logits
+        kv_bytes = sum(t.numel() * t.element_size() for kv in (*past_low, *past_high) for t in kv)
+        _sync(embeds.device)
         t1 = time.perf_counter()
 
         tokens: list[int] = []
@@ -118,6 +131,8 @@ class EagerDart:
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1)  # (B,)
             tokens.append(int(nxt[0]))
+            if streamer is not None:
+                streamer.put(nxt)
             if eos_token_id is not None and tokens[-1] == eos_token_id:
                 break
             if step == max_new_tokens - 1:
@@ -126,10 +141,13 @@ class EagerDart:
             logits, past_low, past_high, _ = self.decoder(
                 embed_tokens(nxt[:, None]), pos, _scalar(0), _scalar(0), _scalar(0), past_low, past_high
             )
+        if streamer is not None:
+            streamer.end()
+        _sync(embeds.device)
         t2 = time.perf_counter()
         return EagerOutput(
             token_ids=tokens,
             kept_positions=kept[0].tolist(),
             first_logits=first_logits,
-            timings={"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3},
+            timings={"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "kv_bytes": kv_bytes},
         )

@@ -73,13 +73,15 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise ValueError("model imports no default-domain opset")
 
 
-def attach_dart_function(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Add DartPrune's function (matching the model's opset) and the `dart` opset import if the
-    graph uses the op; set the IR version ONNX Runtime accepts. Modifies and returns `model`."""
+def attach_dart_function(model: onnx.ModelProto, max_pivots: int = spec.MAX_PIVOTS,
+                         max_span: int = spec.MAX_SPAN) -> onnx.ModelProto:
+    """Add DartPrune's function (matching the model's opset, sized by max_pivots / max_span, see
+    dart_prune_function) and the `dart` opset import if the graph uses the op; set the IR version
+    ONNX Runtime accepts. Modifies and returns `model`."""
     uses_op = any(n.domain == spec.OP_DOMAIN and n.op_type == spec.OP_NAME for n in model.graph.node)
     if uses_op:
         if not any(f.domain == spec.OP_DOMAIN and f.name == spec.OP_NAME for f in model.functions):
-            model.functions.append(dart_prune_function(default_opset(model)))
+            model.functions.append(dart_prune_function(default_opset(model), max_pivots, max_span))
         if not any(e.domain == spec.OP_DOMAIN for e in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(spec.OP_DOMAIN, spec.OP_VERSION))
     model.ir_version = min(model.ir_version, IR_VERSION)

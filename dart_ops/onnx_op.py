@@ -14,15 +14,15 @@ equal `dart_ops.reference.select_keep(..., order="canonical")` index for index.
 span_len 0 gives keep = arange(S), so a decoder graph can run the same node in decode steps.
 
 How the body stays TensorRT-parseable (TensorRT 10.3): no NonZero, Loop, If or Scan, and every
-TopK has a constant K (a Constant node, <= spec.MAX_SPAN = 3840):
+TopK has a constant K (a Constant node, <= max_span <= spec.MAX_SPAN = 3840):
   - scores: ReduceL1 of the keys (fp32). Pivots: TopK with K = max_pivots (a Constant) over the
     span's / text tail's scores padded with -inf (Concat with a ConstantOfShape block), so the
     vector is never shorter than K. A slot past the effective pivot count does nothing.
   - cosines: ReduceL2 norms clamped at 1e-8 (Max), Div, GatherElements of the pivot rows, MatMul.
   - greedy harvest, unrolled over `max_pivots` static steps in canonical order: the cosines of the
-    span are padded with +inf to exactly MAX_SPAN entries (ConstantOfShape of MAX_SPAN - L, which
-    also makes a span longer than MAX_SPAN fail loudly instead of being cut), taken tokens are set
-    to +inf (Where), TopK(K=MAX_SPAN, smallest, sorted) orders them, Less(arange, T) marks the
+    span are padded with +inf to exactly max_span entries (ConstantOfShape of max_span - L, which
+    also makes a longer span fail loudly instead of being cut), taken tokens are set to +inf
+    (Where), TopK(K=max_span, smallest, sorted) orders them, Less(arange, T) marks the
     first T, ScatterElements puts the marks back on token positions (the TopK order is a
     permutation, so there are no duplicate indices), Or adds them to the taken set.
   - ascending output without NonZero: CumSum of the keep mask gives each kept token its output
@@ -40,9 +40,10 @@ node list for every call site, so it cannot be unrolled per attribute value; and
 the attribute would be 0 for pivots_text = 0, an empty TopK that TensorRT may not accept. The attributes only
 enter the runtime counts, so unused slots cost a few no-op steps.
 
-Limits: span_len <= MAX_SPAN (else the op fails at run time); pivots_image + pivots_text <=
-max_pivots (the number of unrolled steps, MAX_PIVOTS = 16 by default; checked by the builders
-here, not at run time).
+Limits: span_len <= max_span (else the op fails at run time; spec.MAX_SPAN = 3840 by default);
+pivots_image + pivots_text <= max_pivots (the number of unrolled steps, MAX_PIVOTS = 16 by
+default; checked by the builders here, not at run time). Exporters size both to the model
+(export/stages.py); the cost of the body is about max_pivots sorts of max_span entries.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ IR_VERSION = 10
 INPUTS = ("hidden", "keys", "span_start", "span_len", "quota")
 OUTPUT = "keep"
 ATTRIBUTES = ("pivots_image", "pivots_text")
+# Body nodes are named with this prefix, so profilers can attribute time to DartPrune after ONNX
+# Runtime inlines the function (it keeps body node names, see scripts/bench.py --profile).
+NODE_PREFIX = "DartPrune/"
 _DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
@@ -72,7 +76,7 @@ class _Body:
         self._n += 1
         names = [f"{op_type.lower()}_{self._n}" + (f"_{i}" if outputs > 1 else "")
                  for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=f"{NODE_PREFIX}{op_type}_{self._n}", **attrs))
         return names[0] if outputs == 1 else names
 
     def const(self, value, dtype=np.int64) -> str:
@@ -82,7 +86,7 @@ class _Body:
         """int64 scalar holding the function attribute `attr` (a Constant with ref_attr_name)."""
         self._n += 1
         name = f"{attr}_{self._n}"
-        node = helper.make_node("Constant", [], [name])
+        node = helper.make_node("Constant", [], [name], name=f"{NODE_PREFIX}{name}")
         node.attribute.append(
             helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=attr))
         self.nodes.append(node)
@@ -131,10 +135,9 @@ def _top_pivots(g: _Body, scores: str, B: str, M: str, start: str, end: str) -> 
     return idx
 
 
-def _body(opset: int, M: int) -> list[onnx.NodeProto]:
+def _body(opset: int, M: int, N: int) -> list[onnx.NodeProto]:
     g = _Body(opset)
     hidden, keys, a, L, q = INPUTS
-    N = MAX_SPAN
     shape = g.op("Shape", hidden)
     B = g.op("Gather", shape, g.const([0]))  # (1,)
     S = g.op("Gather", shape, g.const(1))  # ()
@@ -204,19 +207,26 @@ def _body(opset: int, M: int) -> list[onnx.NodeProto]:
     return g.nodes
 
 
-def dart_prune_function(opset: int = 17, max_pivots: int = MAX_PIVOTS) -> onnx.FunctionProto:
+def dart_prune_function(opset: int = 17, max_pivots: int = MAX_PIVOTS,
+                        max_span: int = MAX_SPAN) -> onnx.FunctionProto:
     """The dart::DartPrune function (domain spec.OP_DOMAIN), body in default-domain `opset`
-    (must equal the model's). Nodes may set pivots_image + pivots_text <= max_pivots."""
+    (must equal the model's). Nodes may set pivots_image + pivots_text <= max_pivots; spans may
+    hold up to max_span tokens. Both size the body: `max_pivots` unrolled steps, each sorting
+    `max_span` entries, so an exporter that knows its model (LLaVA-1.5: 8 pivots, 576 vision
+    tokens) builds a body several times cheaper than the general one (16 x 3840)."""
     if opset < 17:
         raise ValueError(f"DartPrune needs opset >= 17, got {opset}")
-    if not 1 <= max_pivots <= MAX_SPAN // 2:
-        raise ValueError(f"max_pivots must be in [1, {MAX_SPAN // 2}], got {max_pivots}")
+    if not 1 <= max_span <= MAX_SPAN:
+        raise ValueError(f"max_span must be in [1, {MAX_SPAN}] (TensorRT's TopK limit), got {max_span}")
+    if not 1 <= max_pivots <= max_span // 2:
+        raise ValueError(f"max_pivots must be in [1, {max_span // 2}], got {max_pivots}")
     # Plain attribute names, no attribute_proto defaults: onnx 1.23's inliner does not apply
     # defaults (it leaves the referencing Constant empty), so every node must set both.
     return helper.make_function(
-        OP_DOMAIN, OP_NAME, list(INPUTS), [OUTPUT], _body(opset, max_pivots),
+        OP_DOMAIN, OP_NAME, list(INPUTS), [OUTPUT], _body(opset, max_pivots, max_span),
         [helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),
-        doc_string=f"DART token selection (canonical pivot order), up to {max_pivots} pivots.")
+        doc_string=f"DART token selection (canonical pivot order), up to {max_pivots} pivots and "
+                   f"{max_span} span tokens.")
 
 
 def check_pivots(pivots_image: int, pivots_text: int, max_pivots: int = MAX_PIVOTS) -> None:
@@ -238,7 +248,8 @@ def dart_prune_node(inputs, output: str, pivots_image: int = 4, pivots_text: int
 
 
 def standalone_model(pivots_image: int = 4, pivots_text: int = 4, opset: int = 17, *,
-                     dtype: str = "float32", max_pivots: int = MAX_PIVOTS) -> onnx.ModelProto:
+                     dtype: str = "float32", max_pivots: int = MAX_PIVOTS,
+                     max_span: int = MAX_SPAN) -> onnx.ModelProto:
     """A model holding one DartPrune node (tests, benchmarks, engine-parse checks)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -251,7 +262,7 @@ def standalone_model(pivots_image: int = 4, pivots_text: int = 4, opset: int = 1
     graph = helper.make_graph([node], "dart_prune", inputs,
                               [vi(OUTPUT, TensorProto.INT64, ["batch", "kept"])])
     model = helper.make_model(
-        graph, functions=[dart_prune_function(opset, max_pivots)],
+        graph, functions=[dart_prune_function(opset, max_pivots, max_span)],
         opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(OP_DOMAIN, OP_VERSION)],
         producer_name="dart_ops")
     model.ir_version = IR_VERSION

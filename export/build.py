@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dart_ops.spec import MAX_SPAN, DartConfig
+from dart_ops.spec import DartConfig
 
 log = logging.getLogger("export.build")
 
@@ -134,6 +134,7 @@ def build(cfg: BuildConfig) -> dict:
             raise BuildError(f"--layer {cfg.dart.layer} must be in [1, {n_layers - 1}] for this {n_layers}-layer decoder")
         modules = loaded.family.stage_modules(loaded, cfg.dart)
         dims = stages.decoder_dims(modules["decoder"])
+        sizes = stages.dart_sizes(modules["decoder"], loaded.image_seq_len)
         axes = declare(cfg.max_batch, cfg.max_seq, cfg.max_context, loaded.image_seq_len)
         image_size = loaded.preprocess["image_size"]
         steps.update()
@@ -145,7 +146,8 @@ def build(cfg: BuildConfig) -> dict:
                 ("decoder", stages.export_decoder, (modules["decoder"], dims, axes, dtype)),
             ):
                 steps.set_postfix_str(stage)
-                files += stages.timed(stage, fn, *args, cfg.opset, tmp)
+                extra = (sizes,) if stage == "decoder" else ()
+                files += stages.timed(stage, fn, *args, cfg.opset, tmp, *extra)
                 steps.update()
             (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
             files.append("tokenizer.json")
@@ -166,7 +168,7 @@ def build(cfg: BuildConfig) -> dict:
             "opset": cfg.opset,
             "dart": {"layer": cfg.dart.layer, "pivots_image": cfg.dart.pivots_image,
                      "pivots_text": cfg.dart.pivots_text, "keep_ratio": cfg.dart.keep_ratio,
-                     "max_span": MAX_SPAN},
+                     "max_span": sizes["max_span"]},
             "stages": _stage_signatures(modules["decoder"], dims, image_size, loaded.image_seq_len, cfg.dtype),
             "decoder": dims,
             "dynamic_axes": to_manifest(axes),
@@ -215,6 +217,8 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     if not cfg.verbose:
+        # Hugging Face's own bars (loading/saving weights) would interleave with ours.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     from export import families

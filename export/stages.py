@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from dart_ops.onnx_export import attach_dart_function, translation_table
+from dart_ops.spec import MAX_SPAN
 from export.axes import Axis
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,13 @@ def _save(model: onnx.ModelProto, path: Path, force_external: bool) -> list[str]
     return [path.name]
 
 
-def _export(module, args, dynamic_shapes, input_names, output_names, opset) -> onnx.ModelProto:
+def _export(module, args, dynamic_shapes, input_names, output_names, opset, **dart_sizes) -> onnx.ModelProto:
     prog = torch.onnx.export(
         module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
         input_names=input_names, output_names=output_names,
         custom_translation_table=translation_table(), verbose=False,
     )
-    model = attach_dart_function(prog.model_proto)
+    model = attach_dart_function(prog.model_proto, **dart_sizes)
     onnx.checker.check_model(model, full_check=False)
     return model
 
@@ -95,13 +96,22 @@ def decoder_example(flat, dims: dict, dtype, seq: int = 100, span=(10, 60), quot
     )
 
 
-def export_decoder(flat, dims: dict, axes: dict[str, Axis], dtype, opset: int, out: Path):
+def dart_sizes(flat, image_seq_len: int) -> dict:
+    """DartPrune's body sized to this model: one unrolled step per configured pivot, spans up to
+    the vision tokens of one image plus the pivot count, so the +inf padding is never empty (an
+    empty tensor is one more thing for TensorRT's parser to get right). The manifest records
+    max_span; the runtime refuses longer spans."""
+    P = max(1, flat.decoder.pivots_image + flat.decoder.pivots_text)
+    return {"max_pivots": P, "max_span": min(MAX_SPAN, image_seq_len + P)}
+
+
+def export_decoder(flat, dims: dict, axes: dict[str, Axis], dtype, opset: int, out: Path, sizes: dict):
     dec = flat.decoder
     B, S = axes["batch"].torch_dim(), axes["seq"].torch_dim()
     low, high = axes["past_full"].torch_dim(), axes["past_kept"].torch_dim()
     kv = tuple({0: B, 2: low if i < 2 * dec.layer else high} for i in range(2 * dec.num_layers))
     model = _export(flat, decoder_example(flat, dims, dtype), ({0: B, 1: S}, {0: B, 1: S}, None, None, None, kv),
-                    flat.input_names(), flat.output_names(), opset)
+                    flat.input_names(), flat.output_names(), opset, **sizes)
     return _save(model, out / "decoder.onnx", force_external=True)
 
 

@@ -43,7 +43,8 @@ class GenerateOutput:
     kept_positions: prompt positions the decoder kept at layer K (all of them when not pruned).
     timings:        vision_ms, embed_ms, prefill_ms, decode_ms, total_ms (and preprocess_ms),
                     tokens_per_s (decode steps per second after prefill), prompt_tokens,
-                    kept_tokens, vision_tokens, kept_vision_tokens, new_tokens, decode_steps.
+                    kept_tokens, vision_tokens, kept_vision_tokens, new_tokens, decode_steps,
+                    kv_bytes (bytes of the KV cache after prefill, both layer groups).
     keep_ratio:     the ratio used.
     first_logits:   (V,) float32 logits of the prefill step (what chose the first new token).
     """
@@ -171,9 +172,11 @@ class Pipeline:
         top_p: float = 1.0,
         seed: int | None = None,
         stream: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
     ) -> GenerateOutput:
         """Answer one prompt (batch 1). Stops at an eos token (not included in token_ids) or after
-        max_new_tokens. `stream` receives each new piece of text as soon as it decodes cleanly."""
+        max_new_tokens. `stream` receives each new piece of text as soon as it decodes cleanly.
+        `ignore_eos` generates exactly max_new_tokens (eos tokens included; for benchmarks)."""
         m = self.manifest
         t_start = time.perf_counter()
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -223,10 +226,11 @@ class Pipeline:
         })
         kept = [int(p) for p in out["kept_positions"][0]]
         t3 = time.perf_counter()
+        kv_bytes = sum(int(out[self.present_for[n]].nbytes) for n in self.past_names)
 
         tokens: list[int] = []
         streamer = _Streamer(self.prompt.decode, stream) if stream else None
-        eos = set(m.tokens.eos_token_ids)
+        eos = set() if ignore_eos else set(m.tokens.eos_token_ids)
         steps = 0
         first_logits = out["logits"][0].astype(np.float32)
         for t in range(max_new_tokens):
@@ -268,6 +272,7 @@ class Pipeline:
             "kept_vision_tokens": sum(1 for p in kept if a <= p < a + L),
             "new_tokens": len(tokens),
             "decode_steps": steps,
+            "kv_bytes": kv_bytes,
         }
         log.info("generate: S=%d, span [%d, %d), ratio %.3f -> T=%d, kept %d; %d new tokens",
                  S, a, a + L, ratio, counts.quota, len(kept), len(tokens))
@@ -316,14 +321,16 @@ def load(
     *,
     threads: int | None = None,
     verify: bool = True,
+    spin: bool = False,
 ) -> Pipeline:
     """Open an engine directory: validate manifest.json (and, with `verify`, every file's sha256),
     open the three stages with ONNX Runtime on `providers` ("cpu", "cuda", "tensorrt"; default
-    CPU) and load the tokenizer."""
+    CPU) and load the tokenizer. `threads` and `spin` set each session's intra-op thread pool
+    (see runtime.stage.OrtStage)."""
     t0 = time.perf_counter()
     manifest = read_manifest(engine_dir, verify=verify)
     stages = {
-        name: OrtStage(manifest.path(manifest.stages[name].file), providers, threads=threads, name=name)
+        name: OrtStage(manifest.path(manifest.stages[name].file), providers, threads=threads, name=name, spin=spin)
         for name in STAGE_NAMES
     }
     prompt = PromptBuilder(manifest.path(TOKENIZER_NAME), manifest.prompt, manifest.tokens)

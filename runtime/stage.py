@@ -62,6 +62,11 @@ class OrtStage:
     """A graph run by an onnxruntime InferenceSession.
 
     threads: intra-op thread count (None: ONNX Runtime's default, one per physical core).
+    spin:    let idle intra-op threads busy-wait for the next op (ONNX Runtime's default). Off
+             here: a pipeline runs three sessions one after another, each with its own thread
+             pool, and on a small CPU the idle pools' spinning steals the cores the running
+             session needs (measured on 2 cores, llava-bench: prefill 369 -> 281 ms, vision
+             52 -> 25 ms with spinning off; docs/BENCHMARKS.md).
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class OrtStage:
         providers: Sequence[str] | None = None,
         threads: int | None = None,
         name: str | None = None,
+        spin: bool = False,
     ):
         self.path = Path(path)
         self.name = name or self.path.stem
@@ -79,6 +85,7 @@ class OrtStage:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.log_severity_level = 3  # errors only; ORT warns about every CPU fallback node
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)

@@ -11,6 +11,7 @@ import onnx.inliner
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from dart_ops import onnx_op
 from dart_ops.reference import select_keep
@@ -177,6 +178,54 @@ def test_max_span(session):
     assert got.shape == (1, S - MAX_SPAN + 4 + 8 * 100)
     with pytest.raises(Exception):  # a longer span fails instead of being cut silently
         onnx_op.run_standalone(session(4, 4), hidden[:, :S - 1], keys[:, :S - 1], 0, MAX_SPAN + 1, 5)
+
+
+# --- a body sized to the model (what the exporter builds: P steps, max_span = vision tokens + P) --
+
+@pytest.mark.parametrize("i", range(24))
+def test_golden_sized_body(golden, session, i):
+    a, L, T, pi, pt, S = golden[f"c{i}_meta"].tolist()
+    got = check(session(pi, pt, max_pivots=max(pi + pt, 1), max_span=L + pi + pt),
+                golden[f"c{i}_sim"], golden[f"c{i}_keys"], a, L, T, pi, pt)
+    assert np.array_equal(got, golden[f"c{i}_keep_canonical"])
+
+
+@pytest.mark.parametrize("label,S,a,L,q", DEGENERATE, ids=[d[0] for d in DEGENERATE])
+def test_degenerate_sized_body(session, label, S, a, L, q):
+    hidden, keys = tied_case(np.random.default_rng(S + a + L), S)
+    check(session(4, 4, max_pivots=8, max_span=72), hidden, keys, a, L, q, 4, 4)
+
+
+def test_sized_body_span_limit(session):
+    """A span up to max_span (pad of zero entries included) works; one token more fails."""
+    rng = np.random.default_rng(12)
+    hidden = rng.standard_normal((1, 80, 8)).astype(np.float32)
+    keys = rng.standard_normal((1, 80, 8)).astype(np.float32)
+    sess = session(4, 4, max_pivots=8, max_span=64)
+    for L in (56, 64):
+        check(sess, hidden, keys, 3, L, 5, 4, 4)
+    with pytest.raises(Exception):
+        onnx_op.run_standalone(sess, hidden, keys, 3, 65, 5)
+
+
+def test_sized_body_is_smaller():
+    """The sized body sorts max_span entries in max_pivots steps: fewer, smaller TopKs."""
+    def topk_ks(fn):
+        consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in fn.node
+                  if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+        return sorted(int(consts[n.input[1]].item()) for n in fn.node if n.op_type == "TopK")
+
+    general = topk_ks(onnx_op.dart_prune_function(18))
+    sized = topk_ks(onnx_op.dart_prune_function(18, max_pivots=8, max_span=584))
+    assert general == [16, 16] + [MAX_SPAN] * 16
+    assert sized == [8, 8] + [584] * 8
+
+
+@pytest.mark.parametrize("kw", [dict(max_span=0), dict(max_span=MAX_SPAN + 1), dict(max_pivots=0),
+                                dict(max_pivots=40, max_span=64)])
+def test_sized_body_bad_sizes(kw):
+    with pytest.raises(ValueError):
+        onnx_op.dart_prune_function(17, **kw)
 
 
 # --- structure ----------------------------------------------------------------------------------

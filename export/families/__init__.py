@@ -44,7 +44,8 @@ class Family:
     def accepts_checkpoint(self, config: dict) -> bool:  # config.json of a local checkpoint
         raise NotImplementedError
 
-    def load(self, model: str, dtype) -> Loaded:
+    def load(self, model: str, dtype, device=None) -> Loaded:
+        """The model on `device` (default CPU) in `dtype`, with what the runtime needs."""
         raise NotImplementedError
 
     def vision_tokens(self, model: str) -> int:

@@ -2,13 +2,16 @@
 without CLS, MLP projector, Llama/Vicuna decoder).
 
 Presets:
-    llava        llava-hf/llava-1.5-7b-hf, from a local path or the local Hugging Face cache
-    llava-tiny   seeded random weights, real token structure (336 px / patch 14 -> 576 vision
-                 tokens), a real byte-level BPE tokenizer; for tests and the quick start
+    llava           llava-hf/llava-1.5-7b-hf, from a local path or the local Hugging Face cache
+    llava-tiny      seeded random weights, real token structure (336 px / patch 14 -> 576 vision
+                    tokens), a real byte-level BPE tokenizer; for tests and the quick start
+    llava-bench     the same structure at LLaVA-1.5 proportions sized for a 2-core CPU benchmark
+    llava-7b-shape  random weights at the real LLaVA-1.5-7B shapes, for GPU benchmarks
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from export.families import Family, Loaded, register
@@ -29,19 +32,54 @@ class ModelNotAvailable(RuntimeError):
     """The weights of a preset are not on this machine."""
 
 
-def tiny_config():
-    """`llava-tiny`: the real token structure (336 px / patch 14 -> 576 vision tokens, image token
-    in the vocabulary, CLIP feature layer -2, GQA decoder) at a size that runs in tests."""
+@dataclass(frozen=True)
+class RandomPreset:
+    """A LLaVA-1.5-structured model with seeded random weights (no download): 336 px / patch 14
+    -> 576 vision tokens, CLIP feature layer -2, MLP projector, Llama decoder, and the committed
+    tiny byte-level BPE tokenizer (ids >= its 1024 entries, if the model's vocabulary is larger,
+    decode to nothing)."""
+
+    description: str
+    vision: dict  # CLIPVisionConfig sizes
+    text: dict  # LlamaConfig sizes
+    weight_scale: float = 1.0  # > 1 peaks the logits so greedy output varies (llava-tiny)
+
+
+RANDOM_PRESETS = {
+    "llava-tiny": RandomPreset(
+        "random-weight tiny LLaVA-1.5 with 576 vision tokens (no download; tests, quick start)",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=TINY_VOCAB),
+        weight_scale=8.0,
+    ),
+    # LLaVA-1.5 proportions scaled to a 2-core CPU: 576 vision tokens, MHA decoder with the 7B
+    # MLP ratio (11008 / 4096), 8 layers so K = 2 leaves 6 pruned layers, the real vocabulary.
+    "llava-bench": RandomPreset(
+        "random-weight LLaVA-1.5 proportions for CPU benchmarks (8 layers, hidden 512, 576 vision tokens)",
+        vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4),
+        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=32064),
+    ),
+    # The real llava-1.5-7b shapes (CLIP ViT-L/14-336 + Vicuna-7B): GPU benchmarks without weights.
+    "llava-7b-shape": RandomPreset(
+        "random weights at the real LLaVA-1.5-7B shapes (GPU benchmarks; 7.1e9 parameters)",
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32064),
+    ),
+}
+
+
+def random_config(preset: str = "llava-tiny"):
+    """LlavaConfig of a random-weight preset."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32,
-    )
+    p = RANDOM_PRESETS[preset]
+    vision = CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=32, **p.vision)
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5,
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5,
+        **p.text,
     )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=TINY_IMAGE_TOKEN_ID,
@@ -50,19 +88,44 @@ def tiny_config():
     )
 
 
-def build_tiny_model(seed: int = 0, weight_scale: float = 8.0):
-    """Random-weight `llava-tiny`, seeded. Weights are scaled up from the default init so logits
-    are peaked and greedy output varies with the prompt and the keep ratio."""
+def tiny_config():
+    """`llava-tiny`: the real token structure (336 px / patch 14 -> 576 vision tokens, image token
+    in the vocabulary, CLIP feature layer -2, GQA decoder) at a size that runs in tests."""
+    return random_config("llava-tiny")
+
+
+def build_random_model(preset: str, seed: int = 0, dtype=None, device=None):
+    """A random-weight preset, seeded, built directly on `device` in `dtype` (default fp32, CPU).
+
+    Weights of 2-D non-embedding, non-norm parameters are multiplied by the preset's weight_scale.
+    """
     import torch
     from transformers import LlavaForConditionalGeneration
 
+    dtype = dtype or torch.float32
+    p = RANDOM_PRESETS[preset]
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_config())
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name and "norm" not in name:
-                p.mul_(weight_scale)
-    return model.eval()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device or "cpu"):
+            model = LlavaForConditionalGeneration(random_config(preset))
+    finally:
+        torch.set_default_dtype(old)
+    if p.weight_scale != 1.0:
+        with torch.no_grad():
+            for name, w in model.named_parameters():
+                if w.dim() == 2 and "embed" not in name and "norm" not in name:
+                    w.mul_(p.weight_scale)
+    return model.to(dtype).eval()
+
+
+def build_tiny_model(seed: int = 0, weight_scale: float = 8.0):
+    """Random-weight `llava-tiny`, seeded. Weights are scaled up from the default init so logits
+    are peaked and greedy output varies with the prompt and the keep ratio."""
+    if weight_scale != RANDOM_PRESETS["llava-tiny"].weight_scale:
+        raise ValueError("llava-tiny's weight scale is fixed by its preset")
+    return build_random_model("llava-tiny", seed)
 
 
 def tiny_processor():
@@ -128,7 +191,7 @@ class LlavaFamily(Family):
     name = "llava"
     presets = {
         "llava": f"{HUB_ID} (local checkpoint or Hugging Face cache)",
-        "llava-tiny": "random-weight tiny LLaVA-1.5 with 576 vision tokens (no download)",
+        **{name: p.description for name, p in RANDOM_PRESETS.items()},
     }
 
     def accepts_checkpoint(self, config: dict) -> bool:
@@ -142,16 +205,16 @@ class LlavaFamily(Family):
         vision = json.loads((Path(model) / "config.json").read_text()).get("vision_config", {})
         return (vision.get("image_size", IMAGE_SIZE) // vision.get("patch_size", PATCH_SIZE)) ** 2
 
-    def load(self, model: str, dtype) -> Loaded:
-        if model == "llava-tiny":
-            hf = build_tiny_model(seed=0).to(dtype)
+    def load(self, model: str, dtype, device=None) -> Loaded:
+        if model in RANDOM_PRESETS:
+            hf = build_random_model(model, seed=0, dtype=dtype, device=device)
             processor = tiny_processor()
             loaded = self._loaded(model, hf, processor)
             loaded.save_checkpoint = lambda d: (hf.save_pretrained(d), processor.save_pretrained(d))
             return loaded
         source = HUB_ID if model == "llava" else model
         hf, processor = self._from_pretrained(source, dtype, local_only=(model == "llava"))
-        return self._loaded(model, hf, processor)
+        return self._loaded(model, hf.to(device) if device else hf, processor)
 
     def _from_pretrained(self, source: str, dtype, local_only: bool):
         from transformers import AutoProcessor, LlavaForConditionalGeneration

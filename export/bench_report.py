@@ -1,0 +1,90 @@
+"""Reports of a benchmark run: a table for the terminal, the JSON document, a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def _row_cells(r) -> list[str]:
+    lo, hi = r.spread["prefill_ms"]
+    share = f"{100 * r.dart_prune_share:.2f}%" if r.dart_prune_share is not None else "-"
+    rss = f"{r.peak_rss_bytes / MiB:.0f} (+{r.rss_delta_bytes / MiB:.0f})"
+    gpu = f"{r.peak_gpu_bytes / MiB:.0f}" if r.peak_gpu_bytes is not None else "-"
+    return [
+        r.runtime, f"{r.keep_ratio:g}", f"{r.kept_tokens}/{r.prompt_tokens}",
+        f"{r.kept_vision_tokens}/{r.vision_tokens}", f"{r.vision_ms:.1f}", f"{r.prefill_ms:.1f}",
+        f"{lo:.1f}-{hi:.1f}", f"{r.prefill_speedup:.2f}x", f"{r.flop_limit_speedup:.2f}x",
+        f"{100 * r.speedup_vs_limit:.0f}%", f"{r.decode_tok_s:.1f}", f"{r.e2e_ms:.0f}",
+        f"{r.kv_bytes / MiB:.2f}", rss, gpu, share,
+    ]
+
+
+HEADER = ["runtime", "keep", "tokens", "vision", "vision ms", "prefill ms", "(min-max)", "speed-up",
+          "FLOP limit", "of limit", "decode tok/s", "e2e ms", "KV MiB", "peak RSS MiB", "GPU MiB", "DartPrune"]
+
+
+def format_table(rows, meta: dict, targets: list[dict]) -> str:
+    """A fixed-width table of the rows, the conditions above it and the targets below it."""
+    cells = [HEADER] + [_row_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    fmt = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths)))  # noqa: E731
+    v = meta["versions"]
+    lines = [
+        f"model {meta['model']} ({meta['dtype']}), prompt {meta['prompt_tokens']} tokens "
+        f"({meta['vision_tokens']} vision), {meta['new_tokens']} new tokens, "
+        f"{meta['warmup']} warm-up + {meta['repeats']} timed runs per row (median, min-max)",
+        f"{meta['cpu']}, {meta['threads']} threads; " + ", ".join(f"{k} {x}" for k, x in v.items())
+        + (f"; GPU {meta['gpu']}" if meta.get("gpu") else ""),
+        "prefill = time to first token (vision + embed + decoder prefill); speed-up = prefill at keep 1.0 "
+        "/ prefill, same runtime; FLOP limit from dart_ops.flops",
+        "",
+        fmt(HEADER),
+        fmt(["-" * w for w in widths]),
+        *[fmt(c) for c in cells[1:]],
+    ]
+    if targets:
+        lines.append("")
+        for t in targets:
+            value = f"{100 * t['value']:.2f}%" if t["threshold"] < 1 and "DartPrune" in t["target"] else f"{t['value']:.2f}"
+            lines.append(f"{'MET ' if t['met'] else 'MISS'}  {t['target']}: {value}")
+    return "\n".join(lines)
+
+
+def write_plot(rows, meta: dict, path: Path) -> None:
+    """PNG: prefill speed-up vs keep ratio per runtime with the FLOP-limit curve; absolute prefill ms."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib (or the [bench] extra)") from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    runtimes = sorted({r.runtime for r in rows}, key=[r.runtime for r in rows].index)
+    limit = sorted({(r.keep_ratio, r.flop_limit_speedup) for r in rows if r.runtime != "eager-hf"})
+    if limit:
+        ax1.plot([x for x, _ in limit], [y for _, y in limit], "k--", label="FLOP limit")
+    for rt in runtimes:
+        rs = sorted((r for r in rows if r.runtime == rt), key=lambda r: r.keep_ratio)
+        x = [r.keep_ratio for r in rs]
+        if len(rs) > 1:
+            ax1.plot(x, [r.prefill_speedup for r in rs], "o-", label=rt)
+        ax2.plot(x, [r.prefill_ms for r in rs], "o-" if len(rs) > 1 else "s", label=rt)
+        lo = [r.prefill_ms - r.spread["prefill_ms"][0] for r in rs]
+        hi = [r.spread["prefill_ms"][1] - r.prefill_ms for r in rs]
+        ax2.errorbar(x, [r.prefill_ms for r in rs], yerr=[lo, hi], fmt="none", ecolor="gray", capsize=3)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("keep ratio of vision tokens")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax1.set_ylabel("prefill speed-up vs keep 1.0")
+    ax2.set_ylabel("prefill (time to first token), ms")
+    ax2.set_ylim(bottom=0)
+    fig.suptitle(f"{meta['model']}: {meta['prompt_tokens']} prompt tokens ({meta['vision_tokens']} vision), "
+                 f"{meta['cpu'] if not meta.get('gpu') else meta['gpu']}, {meta['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,165 @@
+"""Engine vs eager prefill/decode latency across DART keep ratios, side by side in one process.
+
+    python scripts/bench.py                                   # llava-bench on this CPU (a few minutes)
+    python scripts/bench.py --engine-dir engines/llava-tiny --repeats 1 --json out.json
+    python scripts/bench.py --model llava-7b-shape --device cuda --dtype fp16 --runtimes eager-hf,eager-dart
+
+The measuring code is export/benchmark.py; the table and plot come from export/bench_report.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from export.benchmark import DEFAULT_IMAGE, DEFAULT_PROMPT, RUNTIMES, BenchConfig
+
+log = logging.getLogger("bench")
+
+EPILOG = """examples:
+  python scripts/bench.py --json bench.json --plot bench.png     # llava-bench, exported first if needed
+  python scripts/bench.py --engine-dir engines/llava              # an engine you exported (eager from its model)
+  python scripts/bench.py --model llava-7b-shape --device cuda --dtype fp16 --runtimes eager-hf,eager-dart
+
+prefill = time to first token from tokenised ids and preprocessed pixels (vision encoder + embedding +
+decoder prefill); speed-up = prefill at keep 1.0 / prefill, within one runtime; FLOP limit = the same
+ratio from the analytic model in dart_ops/flops.py.
+"""
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"keep ratios must be numbers separated by commas, got {text!r}") from None
+    if not values or any(not 0.0 < v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"keep ratios must be in (0, 1], got {text!r}")
+    return tuple(sorted(set(values) | {1.0}, reverse=True))  # 1.0 is the baseline of every speed-up
+
+
+def _runtimes(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"runtimes must be among {', '.join(RUNTIMES)}, got {text!r}")
+    return names
+
+
+def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python scripts/bench.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None,
+                   help="preset or checkpoint directory (default: llava-bench, or the --engine-dir's model)")
+    m.add_argument("--engine-dir", type=Path, default=None,
+                   help="engine directory for the ort rows (default: engines/<model>, exported when missing)")
+    r = p.add_argument_group("what to run")
+    r.add_argument("--ratios", type=_ratios, default=(1.0, 0.333, 0.222, 0.111),
+                   help="keep ratios, comma-separated; 1.0 is always added (default: 1.0,0.333,0.222,0.111)")
+    r.add_argument("--runtimes", type=_runtimes, default=RUNTIMES,
+                   help=f"rows to run, comma-separated (default: {','.join(RUNTIMES)})")
+    r.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run, eos ignored (default: 32)")
+    r.add_argument("--repeats", type=int, default=5, help="timed runs per row (default: 5)")
+    r.add_argument("--warmup", type=int, default=1, help="untimed runs per row first (default: 1)")
+    r.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="torch and ONNX Runtime intra-op threads (default: all %(default)s logical CPUs)")
+    r.add_argument("--device", default="cpu", help="eager rows: cpu or cuda[:N] (default: cpu)")
+    r.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="eager rows (default: fp32)")
+    r.add_argument("--ort-provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                   help="ONNX Runtime provider of the ort rows (cuda/tensorrt need onnxruntime-gpu; default: cpu)")
+    r.add_argument("--prompt", default=DEFAULT_PROMPT, help="question (default: a ~25-token description request)")
+    r.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="image (default: examples/sample.png)")
+    r.add_argument("--no-profile", action="store_true",
+                   help="skip profiling DartPrune's share of the ort prefill (ONNX Runtime profiler)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", type=Path, default=None, help="write the rows, conditions and targets as JSON")
+    o.add_argument("--plot", type=Path, default=None, help="write a PNG: speed-up vs keep ratio, prefill ms")
+    o.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    a = p.parse_args(argv)
+    for flag in ("new_tokens", "repeats", "threads"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if a.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {a.warmup}")
+    if not (a.device == "cpu" or a.device == "cuda" or a.device.startswith("cuda:")):
+        p.error(f"--device must be cpu or cuda[:N], got {a.device!r}")
+    if a.dtype == "fp16" and a.device == "cpu":
+        p.error("--dtype fp16 is for --device cuda (fp16 matmuls on CPU are not a deployment target)")
+    if not a.image.is_file():
+        p.error(f"--image {a.image} is not a file")
+    model = a.model
+    if a.engine_dir is not None and (a.engine_dir / "manifest.json").is_file():
+        engine_model = json.loads((a.engine_dir / "manifest.json").read_text()).get("model")
+        if model is None:
+            model = engine_model
+    elif a.engine_dir is not None and a.engine_dir.exists() and any(a.engine_dir.iterdir()):
+        p.error(f"--engine-dir {a.engine_dir} exists but holds no manifest.json (not an engine directory)")
+    cfg = BenchConfig(
+        model=model or "llava-bench", engine_dir=a.engine_dir, ratios=a.ratios, runtimes=a.runtimes,
+        new_tokens=a.new_tokens, repeats=a.repeats, warmup=a.warmup, threads=a.threads, device=a.device,
+        dtype=a.dtype, ort_provider=a.ort_provider, prompt=a.prompt, image=a.image, profile=not a.no_profile,
+    )
+    return cfg, a
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    cfg, args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    if not args.verbose:
+        # Hugging Face's own bars (loading/saving weights) would interleave with ours.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx", "runtime", "export.stages"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    from tqdm import tqdm
+
+    from export import bench_report, benchmark
+
+    try:
+        if cfg.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise benchmark.BenchError(f"--device {cfg.device}: this torch build sees no CUDA GPU")
+        bar = tqdm(total=benchmark.total_runs(cfg), desc="bench", unit="run", file=sys.stderr,
+                   disable=not sys.stderr.isatty())
+        rows, meta = benchmark.run(cfg, progress=bar.update)
+        bar.close()
+        doc = benchmark.to_json(rows, meta)
+        print(bench_report.format_table(rows, meta, doc["targets"]))
+        if args.json:
+            _write_atomic(args.json, lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
+            log.info("bench: wrote %s", args.json)
+        if args.plot:
+            _write_atomic(args.plot, lambda p: bench_report.write_plot(rows, meta, p))
+            log.info("bench: wrote %s", args.plot)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
+    except Exception as e:  # one line for the user, the traceback with -v
+        if args.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
