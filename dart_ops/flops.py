@@ -7,7 +7,9 @@ Stdlib only. Conventions (state them with every number you quote):
 - Attention scores and the weighted sum are counted dense: q_len x kv_len per head, no causal
   halving, because eager PyTorch and ONNX Runtime both compute the full masked product.
 - Vision: patch embedding (a stride-p convolution = one matmul per patch), the encoder layers up
-  to the feature layer (layers after it do not change the output), and the 2-layer MLP projector.
+  to the feature layer (layers after it do not change the output), and the 2-layer MLP projector
+  (on the patches, plus CLS with the "full" strategy; input width x the number of concatenated
+  feature layers).
 - Decoder: layers < K see all S prompt tokens; layers >= K see the S' kept tokens (queries and
   keys); the LM head runs on the last token only. DART's own selection (pivot-vs-token cosine
   similarities) is counted as `dart`.
@@ -34,7 +36,9 @@ class VisionShape:
     layers: int  # encoder layers that have to run (up to the feature layer)
     out_hidden: int  # projector output width (the decoder's hidden size)
     channels: int = 3
-    cls_token: bool = True
+    cls_token: bool = True  # the tower prepends a CLS token (CLIP does)
+    keep_cls: bool = False  # ... and it goes on to the projector (feature strategy "full")
+    feature_layers: int = 1  # layers concatenated for the projector (a list of feature layers)
 
     @property
     def patches(self) -> int:
@@ -43,6 +47,10 @@ class VisionShape:
     @property
     def seq(self) -> int:
         return self.patches + (1 if self.cls_token else 0)
+
+    @property
+    def projector_tokens(self) -> int:
+        return self.patches + (1 if self.cls_token and self.keep_cls else 0)
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,9 @@ class ModelShape:
         """From a LlavaConfig as a dict (`config.to_dict()` or a checkpoint's config.json)."""
         v, t = config["vision_config"], config["text_config"]
         n_vis = v["num_hidden_layers"]
-        feature = config.get("vision_feature_layer", -2)
+        feature = config.get("vision_feature_layer")
+        feature = -2 if feature is None else feature
+        n_features = len(feature) if isinstance(feature, (list, tuple)) else 1
         if isinstance(feature, (list, tuple)):  # several layers concatenated: the deepest decides
             feature = max(f if f >= 0 else n_vis + 1 + f for f in feature)
         used = feature if feature >= 0 else n_vis + 1 + feature  # hidden_states[i] = after layer i
@@ -77,8 +87,8 @@ class ModelShape:
             vision=VisionShape(
                 image_size=v["image_size"], patch_size=v["patch_size"], hidden=v["hidden_size"],
                 intermediate=v["intermediate_size"], layers=used, out_hidden=t["hidden_size"],
-                channels=v.get("num_channels", 3),
-                cls_token=config.get("vision_feature_select_strategy", "default") in ("default", "full"),
+                channels=v.get("num_channels", 3), cls_token=True,
+                keep_cls=config.get("vision_feature_select_strategy") == "full", feature_layers=n_features,
             ),
             text=TextShape(
                 hidden=t["hidden_size"], intermediate=t["intermediate_size"], layers=t["num_hidden_layers"],
@@ -103,7 +113,8 @@ def vision_flops(v: VisionShape) -> dict[str, int]:
     return {
         "patch_embed": _mm(v.patches, v.channels * v.patch_size**2, D),
         "layers": v.layers * sum(layer.values()),
-        "projector": _mm(v.patches, D, v.out_hidden) + _mm(v.patches, v.out_hidden, v.out_hidden),
+        "projector": _mm(v.projector_tokens, D * v.feature_layers, v.out_hidden)
+        + _mm(v.projector_tokens, v.out_hidden, v.out_hidden),
     }
 
 

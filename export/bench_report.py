@@ -16,13 +16,13 @@ def _row_cells(r) -> list[str]:
         r.runtime, f"{r.keep_ratio:g}", f"{r.kept_tokens}/{r.prompt_tokens}",
         f"{r.kept_vision_tokens}/{r.vision_tokens}", f"{r.vision_ms:.1f}", f"{r.prefill_ms:.1f}",
         f"{lo:.1f}-{hi:.1f}", f"{r.prefill_speedup:.2f}x", f"{r.flop_limit_speedup:.2f}x",
-        f"{100 * r.speedup_vs_limit:.0f}%", f"{r.decode_tok_s:.1f}", f"{r.e2e_ms:.0f}",
+        f"{100 * r.speedup_vs_limit:.0f}%", f"{r.prefill_gflop_s:.3g}", f"{r.decode_tok_s:.1f}", f"{r.e2e_ms:.0f}",
         f"{r.kv_bytes / MiB:.2f}", rss, gpu, share,
     ]
 
 
 HEADER = ["runtime", "keep", "tokens", "vision", "vision ms", "prefill ms", "(min-max)", "speed-up",
-          "FLOP limit", "of limit", "decode tok/s", "e2e ms", "KV MiB", "peak RSS MiB", "GPU MiB", "DartPrune"]
+          "FLOP limit", "of limit", "GFLOP/s", "decode tok/s", "e2e ms", "KV MiB", "peak RSS MiB", "GPU MiB", "DartPrune"]
 
 
 def format_table(rows, meta: dict, targets: list[dict]) -> str:
@@ -38,7 +38,9 @@ def format_table(rows, meta: dict, targets: list[dict]) -> str:
         f"{meta['cpu']}, {meta['threads']} threads; " + ", ".join(f"{k} {x}" for k, x in v.items())
         + (f"; GPU {meta['gpu']}" if meta.get("gpu") else ""),
         "prefill = time to first token (vision + embed + decoder prefill); speed-up = prefill at keep 1.0 "
-        "/ prefill, same runtime; FLOP limit from dart_ops.flops",
+        "/ prefill, same runtime; FLOP limit and GFLOP/s from dart_ops.flops; DartPrune = its share of prefill",
+        *[f"one fp32 matmul {'x'.join(map(str, m['shape']))} (the MLP's up-projection): "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in m["gflop_s"].items()) for m in meta.get("matmul", [])],
         "",
         fmt(HEADER),
         fmt(["-" * w for w in widths]),
@@ -66,12 +68,13 @@ def write_plot(rows, meta: dict, path: Path) -> None:
     limit = sorted({(r.keep_ratio, r.flop_limit_speedup) for r in rows if r.runtime != "eager-hf"})
     if limit:
         ax1.plot([x for x, _ in limit], [y for _, y in limit], "k--", label="FLOP limit")
-    for rt in runtimes:
+    for i, rt in enumerate(runtimes):
+        color = f"C{i}"  # one colour per runtime in both panels
         rs = sorted((r for r in rows if r.runtime == rt), key=lambda r: r.keep_ratio)
         x = [r.keep_ratio for r in rs]
         if len(rs) > 1:
-            ax1.plot(x, [r.prefill_speedup for r in rs], "o-", label=rt)
-        ax2.plot(x, [r.prefill_ms for r in rs], "o-" if len(rs) > 1 else "s", label=rt)
+            ax1.plot(x, [r.prefill_speedup for r in rs], "o-", color=color, label=rt)
+        ax2.plot(x, [r.prefill_ms for r in rs], "o-" if len(rs) > 1 else "s", color=color, label=rt)
         lo = [r.prefill_ms - r.spread["prefill_ms"][0] for r in rs]
         hi = [r.spread["prefill_ms"][1] - r.prefill_ms for r in rs]
         ax2.errorbar(x, [r.prefill_ms for r in rs], yerr=[lo, hi], fmt="none", ecolor="gray", capsize=3)

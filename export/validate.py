@@ -42,7 +42,6 @@ def validate(out: Path, modules: dict, dims: dict, image_size: int, image_seq_le
              dtype, tol: float) -> None:
     """Raise ValidationError on the first mismatch. `counts_for(L, text_after)` -> spec.Counts."""
     g = torch.Generator().manual_seed(1234)
-    np_dtype = np.float16 if dtype == torch.float16 else np.float32
     with torch.no_grad():
         # vision encoder: batch 1 (traced with 2)
         pixels = torch.randn(1, 3, image_size, image_size, generator=g).to(dtype)

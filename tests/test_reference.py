@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import DATA, GOLDEN_NAME, SHARED_GOLDEN, load_golden
+
 from dart_ops.reference import select_keep
 from dart_ops.spec import effective_counts
 
