@@ -88,13 +88,14 @@ class _Recorder:
 
 
 class OrtRunner:
-    def __init__(self, engine_dir: Path, provider: str, threads: int):
+    def __init__(self, engine_dir: Path, provider: str, threads: int, spin: bool = False):
         import runtime
 
         self.engine_dir = engine_dir
         self.threads = threads
         self.provider = provider
-        self.pipe = runtime.load(engine_dir, providers=[provider], threads=threads)
+        self.spin = spin
+        self.pipe = runtime.load(engine_dir, providers=[provider], threads=threads, spin=spin)
 
     def run(self, ids, pixels, ratio: float, n: int, record: bool = False):
         recorder = None
@@ -130,6 +131,7 @@ class OrtRunner:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.log_severity_level = 3
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
             opts.enable_profiling = True
             opts.profile_file_prefix = str(Path(tmp) / "decoder")
             session = ort.InferenceSession(str(self.engine_dir / "decoder.onnx"), opts,

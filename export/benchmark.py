@@ -56,6 +56,7 @@ class BenchConfig:
     device: str = "cpu"  # eager rows; the ort rows use ort_provider
     dtype: str = "fp32"  # eager rows
     ort_provider: str = "cpu"
+    ort_spin: bool = False  # ORT's idle threads spin (runtime.load(spin=True))
     prompt: str = DEFAULT_PROMPT
     image: Path = DEFAULT_IMAGE
     profile: bool = True  # DartPrune's share of ORT prefill (ORT profiler), per pruned ratio
@@ -289,7 +290,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
                 if eager is not None and not any(r.startswith("eager") for r, _ in order[i:]):
                     eager = eager_model = None  # the torch model is not needed any more
                     gc.collect()
-                ort_runner = OrtRunner(engine_dir, cfg.ort_provider, cfg.threads)
+                ort_runner = OrtRunner(engine_dir, cfg.ort_provider, cfg.threads, cfg.ort_spin)
             call = lambda ratio=ratio: ort_runner.run(ids, pixels, ratio, cfg.new_tokens)  # noqa: E731
         runs = []
         gpu = gpu_peak(cfg.device) if rt.startswith("eager") else None
@@ -343,7 +344,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
                 prompt_tokens=S, vision_tokens=L, span_start=a, new_tokens=cfg.new_tokens,
                 repeats=cfg.repeats, warmup=cfg.warmup, dart=asdict(src.dart), shape=asdict(shape),
                 flops_full=flops.prefill_flops(shape, S, None, src.dart.layer)["total"],
-                peak_rss_scope="row" if rss_per_row else "process")
+                peak_rss_scope="row" if rss_per_row else "process", ort_spin=cfg.ort_spin)
     return rows, meta
 
 

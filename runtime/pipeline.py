@@ -325,12 +325,19 @@ def load(
 ) -> Pipeline:
     """Open an engine directory: validate manifest.json (and, with `verify`, every file's sha256),
     open the three stages with ONNX Runtime on `providers` ("cpu", "cuda", "tensorrt"; default
-    CPU) and load the tokenizer. `threads` and `spin` set each session's intra-op thread pool
-    (see runtime.stage.OrtStage)."""
+    CPU) and load the tokenizer.
+
+    Thread pools (CPU): `threads` intra-op threads per session (the embedding lookup, a gather,
+    always runs on one). `spin`: let idle threads busy-wait between ops. Off by default: on a
+    small CPU the idle pools of the other sessions then steal cores from the running one (2
+    threads, llava-bench: prefill 1.2-1.6x slower with spinning, decode the same within noise;
+    docs/BENCHMARKS.md)."""
     t0 = time.perf_counter()
     manifest = read_manifest(engine_dir, verify=verify)
     stages = {
-        name: OrtStage(manifest.path(manifest.stages[name].file), providers, threads=threads, name=name, spin=spin)
+        name: OrtStage(manifest.path(manifest.stages[name].file), providers, name=name,
+                       threads=1 if name == "embed_tokens" else threads,
+                       spin=spin)
         for name in STAGE_NAMES
     }
     prompt = PromptBuilder(manifest.path(TOKENIZER_NAME), manifest.prompt, manifest.tokens)

@@ -63,10 +63,9 @@ class OrtStage:
 
     threads: intra-op thread count (None: ONNX Runtime's default, one per physical core).
     spin:    let idle intra-op threads busy-wait for the next op (ONNX Runtime's default). Off
-             here: a pipeline runs three sessions one after another, each with its own thread
-             pool, and on a small CPU the idle pools' spinning steals the cores the running
-             session needs (measured on 2 cores, llava-bench: prefill 369 -> 281 ms, vision
-             52 -> 25 ms with spinning off; docs/BENCHMARKS.md).
+             by default here: a pipeline runs three sessions one after another, each with its
+             own thread pool, and on a small CPU an idle pool's spinning steals the cores the
+             running session needs (measured in docs/BENCHMARKS.md).
     """
 
     def __init__(

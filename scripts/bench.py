@@ -73,6 +73,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     r.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="eager rows (default: fp32)")
     r.add_argument("--ort-provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
                    help="ONNX Runtime provider of the ort rows (cuda/tensorrt need onnxruntime-gpu; default: cpu)")
+    r.add_argument("--ort-spin", action="store_true",
+                   help="let ONNX Runtime's idle threads spin (its own default; off in runtime.load, "
+                        "see docs/BENCHMARKS.md)")
     r.add_argument("--prompt", default=DEFAULT_PROMPT, help="question (default: a ~25-token description request)")
     r.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="image (default: examples/sample.png)")
     r.add_argument("--no-profile", action="store_true",
@@ -103,7 +106,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     cfg = BenchConfig(
         model=model or "llava-bench", engine_dir=a.engine_dir, ratios=a.ratios, runtimes=a.runtimes,
         new_tokens=a.new_tokens, repeats=a.repeats, warmup=a.warmup, threads=a.threads, device=a.device,
-        dtype=a.dtype, ort_provider=a.ort_provider, prompt=a.prompt, image=a.image, profile=not a.no_profile,
+        dtype=a.dtype, ort_provider=a.ort_provider, ort_spin=a.ort_spin, prompt=a.prompt, image=a.image,
+        profile=not a.no_profile,
     )
     return cfg, a
 
