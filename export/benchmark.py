@@ -317,7 +317,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
         kept = counts.kept_len(S) if rt != "eager-hf" else S
         pivots = counts.pivots_image + counts.pivots_text
         row.prefill_gflop_s = flops.prefill_flops(shape, S, kept, d.layer, L, pivots)["total"] / row.prefill_ms / 1e6
-        if rt == "ort" and cfg.profile and counts.prune:
+        if rt == "ort" and cfg.profile and counts.prune and cfg.ort_provider != "tensorrt":
             # The profiler gives DartPrune's fraction of the decoder's node time (profiling slows
             # small nodes most, so this overstates it); scaled by the unprofiled decoder time.
             _, feeds = ort_runner.run(ids, pixels, ratio, 1, record=True)

@@ -24,6 +24,7 @@ EPILOG = """examples:
   python -m export.build --model llava-tiny --ratio 0.111        # tiny random model, no download
   python -m export.build --model llava --out engines/llava        # llava-hf/llava-1.5-7b-hf from the HF cache
   python -m export.build --model ./my-llava-checkpoint --dry-run  # print what would be exported
+  python -m export.build --model llava-tiny --target trt          # + TensorRT engines (on the target GPU)
 """
 
 
@@ -44,6 +45,7 @@ class BuildConfig:
     validate: bool = True
     dry_run: bool = False
     verbose: bool = False
+    target: str = "onnx"  # "trt": also build TensorRT engines here (python -m export.trt)
 
 
 def parse_args(argv=None) -> BuildConfig:
@@ -67,6 +69,9 @@ def parse_args(argv=None) -> BuildConfig:
     o.add_argument("--max-seq", type=int, default=2048, help="longest prompt in tokens (default: 2048)")
     o.add_argument("--max-context", type=int, default=4096, help="prompt + generated tokens (default: 4096)")
     o.add_argument("--max-batch", type=int, default=4, help="largest batch (default: 4)")
+    o.add_argument("--target", choices=["onnx", "trt"], default="onnx",
+                   help="onnx: the ONNX graphs (default); trt: also build TensorRT engines on this machine "
+                        "(same as python -m export.trt --engine-dir OUT afterwards; needs TensorRT)")
     o.add_argument("--no-validate", action="store_true", help="skip the comparison with eager PyTorch")
     o.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
@@ -84,7 +89,7 @@ def parse_args(argv=None) -> BuildConfig:
         p.error(f"--max-seq {a.max_seq} exceeds --max-context {a.max_context}")
     out = a.out if a.out is not None else Path("engines") / Path(a.model.rstrip("/")).name
     return BuildConfig(a.model, out, dart, a.dtype, a.opset, a.max_seq, a.max_context, a.max_batch,
-                       not a.no_validate, a.dry_run, a.verbose)
+                       not a.no_validate, a.dry_run, a.verbose, a.target)
 
 
 def _prepare_out(out: Path) -> Path:
@@ -232,7 +237,13 @@ def main(argv=None) -> int:
                  cfg.max_context, cfg.out)
         if cfg.dry_run:
             return 0
+        if cfg.target == "trt":
+            from export import trt
+
+            trt._import_trt()  # fail before exporting, not after
         build(cfg)
+        if cfg.target == "trt":
+            trt.build_engines(trt.TrtConfig(engine_dir=cfg.out, verbose=cfg.verbose))
     except families.UnknownModel as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -243,7 +254,8 @@ def main(argv=None) -> int:
         if cfg.verbose:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {type(e).__name__ if not isinstance(e, BuildError) else 'build'}: {msg}", file=sys.stderr)
+        kind = "build" if isinstance(e, BuildError) else "trt" if type(e).__name__ == "TrtBuildError" else type(e).__name__
+        print(f"error: {kind}: {msg}", file=sys.stderr)
         return 1
     return 0
 

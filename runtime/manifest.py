@@ -104,6 +104,16 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class TrtSpec:
+    """The "tensorrt" section written by python -m export.trt (absent until engines are built)."""
+
+    version: str  # TensorRT version the engines were built with; plans only load in that version
+    engines: dict[str, str]  # stage -> engine file
+    strongly_typed: bool
+    fp16: bool
+
+
+@dataclass(frozen=True)
 class Manifest:
     directory: Path
     format_version: int
@@ -121,6 +131,7 @@ class Manifest:
     prompt: PromptSpec
     opset: int | None = None
     tools: dict[str, str] = field(default_factory=dict)
+    tensorrt: TrtSpec | None = None
 
     def path(self, name: str) -> Path:
         return self.directory / name
@@ -285,6 +296,27 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
         ),
         opset=_get(raw, "opset", (int, type(None)), "", default=None),
         tools=dict(_get(raw, "tools", dict, "", default={})),
+        tensorrt=_trt(raw.get("tensorrt"), files),
+    )
+
+
+def _trt(section: Any, files: dict) -> TrtSpec | None:
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise _fail("'tensorrt' must be an object")
+    engines = _get(section, "engines", dict, "tensorrt.")
+    for stage in STAGE_NAMES:
+        name = engines.get(stage)
+        if not isinstance(name, str):
+            raise _fail(f"missing key 'tensorrt.engines.{stage}'")
+        if name not in files:
+            raise _fail(f"tensorrt.engines.{stage} = {name!r} is not listed in 'files'")
+    return TrtSpec(
+        version=_get(section, "version", str, "tensorrt."),
+        engines=dict(engines),
+        strongly_typed=_get(section, "strongly_typed", bool, "tensorrt.", default=False),
+        fp16=_get(section, "fp16", bool, "tensorrt.", default=False),
     )
 
 

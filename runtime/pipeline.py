@@ -322,10 +322,16 @@ def load(
     threads: int | None = None,
     verify: bool = True,
     spin: bool = False,
+    provider_options: dict[str, dict] | None = None,
 ) -> Pipeline:
     """Open an engine directory: validate manifest.json (and, with `verify`, every file's sha256),
-    open the three stages with ONNX Runtime on `providers` ("cpu", "cuda", "tensorrt"; default
-    CPU) and load the tokenizer.
+    open the three stages and load the tokenizer.
+
+    providers: ["tensorrt"] runs the TensorRT engines built by `python -m export.trt` (native
+    TensorRT, runtime/trt_stage.py; refused when they were built by another TensorRT version).
+    Otherwise ONNX Runtime with these execution providers, in order of preference: "cpu"
+    (default), "cuda", "ort-tensorrt" (the last two need onnxruntime-gpu); `provider_options`
+    passes ONNX Runtime provider options ({"ort-tensorrt": {"trt_fp16_enable": "True"}}).
 
     Thread pools (CPU): `threads` intra-op threads per session (the embedding lookup, a gather,
     always runs on one). `spin`: let idle threads busy-wait between ops. Off by default: on a
@@ -334,14 +340,43 @@ def load(
     docs/BENCHMARKS.md)."""
     t0 = time.perf_counter()
     manifest = read_manifest(engine_dir, verify=verify)
-    stages = {
-        name: OrtStage(manifest.path(manifest.stages[name].file), providers, name=name,
-                       threads=1 if name == "embed_tokens" else threads,
-                       spin=spin)
-        for name in STAGE_NAMES
-    }
+    names = [p.lower() for p in providers or ["cpu"] if isinstance(p, str)]
+    if "tensorrt" in names:
+        if len(names) != 1:
+            raise EngineError(f"providers {list(providers)}: 'tensorrt' (native engines) cannot be combined "
+                              "with ONNX Runtime providers; for ONNX Runtime's TensorRT provider use 'ort-tensorrt'")
+        stages = _trt_stages(manifest)
+    else:
+        stages = {
+            name: OrtStage(manifest.path(manifest.stages[name].file), providers, name=name,
+                           threads=1 if name == "embed_tokens" else threads, spin=spin,
+                           provider_options=provider_options)
+            for name in STAGE_NAMES
+        }
     prompt = PromptBuilder(manifest.path(TOKENIZER_NAME), manifest.prompt, manifest.tokens)
     pipe = Pipeline(manifest, stages, prompt)
     log.info("load: %s (%s, K=%d, default ratio %.3f) in %.2f s", manifest.directory, manifest.model,
              manifest.dart.layer, manifest.dart.keep_ratio, time.perf_counter() - t0)
     return pipe
+
+
+def _trt_stages(manifest: Manifest) -> dict[str, Stage]:
+    """TensorRT stages, after checking that the engines exist and match this TensorRT."""
+    from runtime.trt_stage import TrtStage, trt_version
+
+    spec = manifest.tensorrt
+    if spec is None:
+        raise EngineError(f"{manifest.directory} has no TensorRT engines; build them on this device with: "
+                          f"python -m export.trt --engine-dir {manifest.directory}")
+    check_trt_version(spec.version, trt_version(), manifest.directory)
+    return {name: TrtStage(manifest.path(spec.engines[name]), name=name) for name in STAGE_NAMES}
+
+
+def check_trt_version(built: str, installed: str | None, directory) -> None:
+    """A TensorRT plan only deserializes in the TensorRT version that built it."""
+    if installed is None:
+        raise EngineError("TensorRT is not installed (on Jetson it comes with JetPack 6; on x86 "
+                          "`pip install tensorrt-cu12`); or run the ONNX graphs with --provider cpu/cuda")
+    if built != installed:
+        raise EngineError(f"{directory}: the TensorRT engines were built with TensorRT {built}, this is "
+                          f"{installed}; rebuild them here with: python -m export.trt --engine-dir {directory}")

@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens)")
     ex = p.add_argument_group("execution")
-    ex.add_argument("--provider", choices=("cpu", "cuda", "tensorrt"), default="cpu",
-                    help="ONNX Runtime execution provider (cuda/tensorrt need onnxruntime-gpu)")
+    ex.add_argument("--provider", choices=("cpu", "cuda", "ort-tensorrt", "tensorrt"), default="cpu",
+                    help="cpu / cuda / ort-tensorrt: ONNX Runtime execution provider (cuda and ort-tensorrt "
+                         "need onnxruntime-gpu); tensorrt: the engines built by python -m export.trt")
     ex.add_argument("--threads", type=_bounded(int, 1, "threads"), default=None,
                     help="intra-op threads per stage (default: ONNX Runtime's)")
     out = p.add_argument_group("output")

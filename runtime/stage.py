@@ -15,11 +15,12 @@ from runtime.errors import EngineError
 
 log = logging.getLogger(__name__)
 
-# Short names accepted by load(providers=...) and the CLI's --provider.
+# Short names of ONNX Runtime execution providers accepted by load(providers=...) and the CLI's
+# --provider. "tensorrt" (native TensorRT engines, runtime/trt_stage.py) is handled by load().
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
+    "ort-tensorrt": "TensorrtExecutionProvider",
 }
 
 
@@ -34,7 +35,7 @@ class Stage(Protocol):
 
 
 def resolve_providers(names: Sequence[str] | None) -> list[str]:
-    """ONNX Runtime provider names for short ("cpu", "cuda", "tensorrt") or full names.
+    """ONNX Runtime provider names for short ("cpu", "cuda", "ort-tensorrt") or full names.
 
     None means CPU. CPU is appended as the fallback for nodes a GPU provider does not take.
     Raises EngineError when a requested provider is not in this onnxruntime build.
@@ -62,6 +63,7 @@ class OrtStage:
     """A graph run by an onnxruntime InferenceSession.
 
     threads: intra-op thread count (None: ONNX Runtime's default, one per physical core).
+    provider_options: {provider: {option: value}} passed to ONNX Runtime (see _options_for).
     spin:    let idle intra-op threads busy-wait for the next op (ONNX Runtime's default). Off
              by default here: a pipeline runs three sessions one after another, each with its
              own thread pool, and on a small CPU an idle pool's spinning steals the cores the
@@ -75,6 +77,7 @@ class OrtStage:
         threads: int | None = None,
         name: str | None = None,
         spin: bool = False,
+        provider_options: dict[str, dict] | None = None,
     ):
         self.path = Path(path)
         self.name = name or self.path.stem
@@ -87,7 +90,9 @@ class OrtStage:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.log_severity_level = 3  # errors only; ORT warns about every CPU fallback node
         try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
+            options = _options_for(self.providers, provider_options or {})
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers,
+                                                provider_options=options)
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise EngineError(f"{self.path.name}: onnxruntime cannot load it ({_first_line(exc)}); "
                               "re-export the engine") from exc
@@ -101,6 +106,17 @@ class OrtStage:
         except Exception as exc:
             raise EngineError(f"{self.name}: onnxruntime failed ({_first_line(exc)})") from exc
         return dict(zip(self.output_names, outputs))
+
+
+def _options_for(providers: list[str], options: dict[str, dict]) -> list[dict]:
+    """Per-provider option dicts in `providers` order; keys of `options` are short or full names,
+    values ONNX Runtime's provider options as strings (e.g. {"ort-tensorrt": {"trt_fp16_enable":
+    "True", "trt_engine_cache_enable": "True", "trt_engine_cache_path": "cache/"}})."""
+    full = {PROVIDERS.get(k, k): v for k, v in options.items()}
+    unknown = set(full) - set(providers)
+    if unknown:
+        raise EngineError(f"provider options given for {sorted(unknown)}, which are not in use ({providers})")
+    return [{k: str(v) for k, v in full.get(p, {}).items()} for p in providers]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -71,8 +71,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
                    help="torch and ONNX Runtime intra-op threads (default: all %(default)s logical CPUs)")
     r.add_argument("--device", default="cpu", help="eager rows: cpu or cuda[:N] (default: cpu)")
     r.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="eager rows (default: fp32)")
-    r.add_argument("--ort-provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                   help="ONNX Runtime provider of the ort rows (cuda/tensorrt need onnxruntime-gpu; default: cpu)")
+    r.add_argument("--ort-provider", default="cpu", choices=["cpu", "cuda", "ort-tensorrt", "tensorrt"],
+                   help="provider of the ort rows: ONNX Runtime cpu/cuda/ort-tensorrt, or tensorrt for the "
+                        "engines of python -m export.trt (default: cpu)")
     r.add_argument("--ort-spin", action="store_true",
                    help="let ONNX Runtime's idle threads spin (its own default; off in runtime.load, "
                         "see docs/BENCHMARKS.md)")

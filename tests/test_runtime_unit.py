@@ -396,7 +396,7 @@ def test_ort_stage_bad_provider_and_file(tmp_path):
 
     if "TensorrtExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(EngineError, match="not available.*onnxruntime-gpu"):
-            OrtStage(path, ["tensorrt"])
+            OrtStage(path, ["ort-tensorrt"])
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a model")
     with pytest.raises(EngineError, match="bad.onnx: onnxruntime cannot load it"):

@@ -1,0 +1,301 @@
+"""Build TensorRT engines from an exported engine directory: the Jetson workflow is to export the
+ONNX graphs on a host (`python -m export.build`) and build the engines on the device itself,
+because a TensorRT plan only runs on the TensorRT version and GPU it was built for.
+
+    python -m export.trt --engine-dir engines/llava-tiny                  # on the target device
+    python -m export.trt --engine-dir engines/llava-tiny --dry-run        # print the profiles (no TensorRT needed)
+    python -m export.build --model llava-tiny --target trt                # export + build on this machine
+
+Writes vision_encoder.engine, embed_tokens.engine, decoder.engine next to the ONNX files and a
+"tensorrt" section in manifest.json (TensorRT version, engine files, profiles, precision); the
+runtime refuses engines built by another TensorRT version.
+
+Optimization profiles come from the manifest's dynamic_axes (declared once at export). The decoder
+gets two, so its weights are stored once in one engine:
+    0 prefill  seq 1..max_seq, past_full = past_kept = 0, span/quota values 0..max
+    1 decode   seq 1, past_full and past_kept 1..max_context, span_start = span_len = quota = 0
+Written against the TensorRT 10.3 Python API (JetPack 6) through polygraphy (>= 0.49):
+network_from_onnx_path, CreateConfig, Profile, engine_from_network, save_engine. TensorRT is
+imported only when building; it is not installable on the development machines, so the build
+itself is not run in CI (docs/JETSON.md says what is verified where).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("export.trt")
+
+STAGES = ("vision_encoder", "embed_tokens", "decoder")
+# int64 scalars of the decoder whose values set shapes inside DartPrune (Slice, Range,
+# ConstantOfShape): TensorRT makes such inputs shape tensors, whose profiles are value ranges.
+DECODER_SCALARS = ("span_start", "span_len", "quota")
+INSTALL_HINT = ("TensorRT is not installed: on Jetson it comes with JetPack 6 (TensorRT 10.3, "
+                "`sudo apt install python3-libnvinfer`); on x86 servers `pip install tensorrt-cu12==10.3.*`; "
+                "and `pip install polygraphy`")
+
+EPILOG = """examples:
+  python -m export.trt --engine-dir engines/llava-tiny                       # fp32 ONNX -> fp32 engines
+  python -m export.trt --engine-dir engines/llava --workspace-mib 2048 --timing-cache ~/.cache/llava.cache
+  python -m export.trt --engine-dir engines/llava-fp16                        # an --dtype fp16 export: fp16 engines
+  python -m export.trt --engine-dir engines/llava-tiny --dry-run              # profiles only, no TensorRT needed
+"""
+
+
+class TrtBuildError(RuntimeError):
+    """A failure the user can act on (reported as one line, exit 1)."""
+
+
+@dataclass(frozen=True)
+class TrtConfig:
+    engine_dir: Path
+    strongly_typed: bool = True  # precision from the ONNX types (export --dtype fp16 for fp16)
+    fp16: bool = False  # builder FP16 flag; only for weakly typed networks
+    workspace_mib: int | None = None  # memory-pool limit while building (edge boards run out)
+    max_batch: int | None = None  # tighter than the export's axes, never wider
+    max_seq: int | None = None
+    max_context: int | None = None
+    timing_cache: Path | None = None
+    dry_run: bool = False
+    verbose: bool = False
+
+
+# --- profiles (pure: from the manifest, no TensorRT) --------------------------------------------
+
+
+def _axes(manifest: dict, cfg: TrtConfig) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each dynamic axis, optionally tightened by the build flags."""
+    axes = {n: (a["min"], a["opt"], a["max"]) for n, a in manifest["dynamic_axes"].items()}
+    limits = {"batch": ("--max-batch", cfg.max_batch), "seq": ("--max-seq", cfg.max_seq),
+              "past_full": ("--max-context", cfg.max_context), "past_kept": ("--max-context", cfg.max_context)}
+    for name, (flag, limit) in limits.items():
+        if limit is None or name not in axes:
+            continue
+        lo, opt, hi = axes[name]
+        if limit > hi:
+            raise TrtBuildError(f"{flag} {limit} exceeds the exported axis '{name}' (max {hi}); re-export "
+                                "with a larger limit")
+        axes[name] = (lo, min(opt, limit), limit)
+    return axes
+
+
+def _shape(dims: list, axes: dict[str, tuple[int, int, int]], fixed: dict[str, tuple[int, int, int]]):
+    """(min, opt, max) shapes of one input from its manifest dims."""
+    out = ([], [], [])
+    for d in dims:
+        rng = fixed.get(d) or axes[d] if isinstance(d, str) else (d, d, d)
+        for i in range(3):
+            out[i].append(rng[i])
+    return tuple(tuple(s) for s in out)
+
+
+def profile_specs(manifest: dict, stage: str, cfg: TrtConfig | None = None) -> list[dict]:
+    """Optimization profiles of one stage as plain data:
+    [{"name": ..., "inputs": {input: {"min": .., "opt": .., "max": .., "kind": "shape"|"values"}}}].
+    "values" entries are the value ranges of the decoder's int64 scalars (for shape tensors)."""
+    cfg = cfg or TrtConfig(engine_dir=Path("."))
+    axes = _axes(manifest, cfg)
+    inputs = manifest["stages"][stage]["inputs"]
+
+    def spec(name: str, fixed: dict, values: dict) -> dict:
+        table = {}
+        for t in inputs:
+            if t["name"] in values:
+                lo, opt, hi = values[t["name"]]
+                table[t["name"]] = {"min": [lo], "opt": [opt], "max": [hi], "kind": "values"}
+            else:
+                lo, opt, hi = _shape(t["shape"], axes, fixed)
+                table[t["name"]] = {"min": list(lo), "opt": list(opt), "max": list(hi), "kind": "shape"}
+        return {"name": name, "inputs": table}
+
+    if stage != "decoder":
+        return [spec("default", {}, {})]
+    seq_lo, seq_opt, seq_hi = axes["seq"]
+    max_span = manifest["dart"]["max_span"]
+    n_vision = manifest["tokens"]["image_seq_len"]
+    from dart_ops.spec import DartConfig
+
+    d = manifest["dart"]
+    quota = DartConfig(d["layer"], d["pivots_image"], d["pivots_text"],
+                       keep_ratio=d["keep_ratio"]).counts(n_vision, max(seq_opt - n_vision - 5, 0)).quota
+    prefill = spec("prefill", {"past_full": (0, 0, 0), "past_kept": (0, 0, 0)}, {
+        "span_start": (0, min(5, seq_hi - 1), seq_hi - 1),
+        "span_len": (0, min(n_vision, max_span), max_span),
+        "quota": (0, quota, max_span),
+    })
+    ctx_full, ctx_kept = axes["past_full"], axes["past_kept"]
+    decode = spec("decode", {"seq": (1, 1, 1), "past_full": (1, max(ctx_full[1], 1), ctx_full[2]),
+                             "past_kept": (1, max(ctx_kept[1], 1), ctx_kept[2])},
+                  {name: (0, 0, 0) for name in DECODER_SCALARS})
+    return [prefill, decode]
+
+
+def to_polygraphy(specs: list[dict], shape_tensors: set[str] | None = None) -> list:
+    """polygraphy Profile objects. `shape_tensors`: the inputs TensorRT parsed as shape tensors
+    (from the network at build time); a scalar that is not one gets the 0-d shape () instead of a
+    value range. None: trust the specs' "kind"."""
+    from polygraphy.backend.trt import Profile
+
+    profiles = []
+    for s in specs:
+        p = Profile()
+        for name, r in s["inputs"].items():
+            if r["kind"] == "values" and shape_tensors is not None and name not in shape_tensors:
+                p.add(name, (), (), ())
+            else:
+                p.add(name, tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
+        profiles.append(p)
+    return profiles
+
+
+# --- build (needs TensorRT) ----------------------------------------------------------------------
+
+
+def _import_trt():
+    try:
+        import tensorrt as trt
+        from polygraphy.backend import trt as pg  # noqa: F401
+    except ImportError as e:
+        raise TrtBuildError(f"{INSTALL_HINT} ({e})") from None
+    return trt
+
+
+def build_engines(cfg: TrtConfig) -> dict:
+    """Build the three engines into cfg.engine_dir and add the "tensorrt" section to its manifest.
+    Returns that section."""
+    manifest_path = cfg.engine_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise TrtBuildError(f"{cfg.engine_dir} has no manifest.json: export it first with python -m export.build")
+    manifest = json.loads(manifest_path.read_text())
+    specs = {stage: profile_specs(manifest, stage, cfg) for stage in STAGES}
+    if cfg.dry_run:
+        return {"profiles": specs}
+    if cfg.fp16 and cfg.strongly_typed:
+        raise TrtBuildError("--fp16 applies to weakly typed networks only (--no-strongly-typed); a strongly "
+                            "typed network takes its precision from the ONNX graph: export with --dtype fp16")
+    trt = _import_trt()
+    from polygraphy.backend.trt import CreateConfig, engine_from_network, network_from_onnx_path, save_engine
+
+    strongly = cfg.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    if cfg.strongly_typed and not strongly:
+        log.warning("tensorrt: this TensorRT (%s) has no strongly typed networks; building weakly typed",
+                    trt.__version__)
+    pools = {trt.MemoryPoolType.WORKSPACE: cfg.workspace_mib << 20} if cfg.workspace_mib else None
+    engines = {}
+    for stage in STAGES:
+        onnx_path = cfg.engine_dir / manifest["stages"][stage]["file"]
+        out = cfg.engine_dir / f"{stage}.engine"
+        t0 = time.perf_counter()
+        log.info("%s: building TensorRT engine from %s (%s)...", stage, onnx_path.name,
+                 "strongly typed" if strongly else ("fp16 allowed" if cfg.fp16 else "fp32"))
+        network = network_from_onnx_path(str(onnx_path), strongly_typed=strongly or None)
+        builder, net, _parser = network()
+        shape_tensors = {net.get_input(i).name for i in range(net.num_inputs) if net.get_input(i).is_shape_tensor}
+        config = CreateConfig(
+            fp16=cfg.fp16 or None, profiles=to_polygraphy(specs[stage], shape_tensors),
+            memory_pool_limits=pools,
+            load_timing_cache=str(cfg.timing_cache) if cfg.timing_cache and cfg.timing_cache.is_file() else None,
+        )
+        engine = engine_from_network((builder, net, _parser), config=config,
+                                     save_timing_cache=str(cfg.timing_cache) if cfg.timing_cache else None)
+        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        save_engine(engine, str(tmp))
+        tmp.replace(out)
+        engines[stage] = out.name
+        log.info("%s: built in %.1f s -> %s (%.1f MiB; shape tensors: %s)", stage, time.perf_counter() - t0,
+                 out.name, out.stat().st_size / 2**20, ", ".join(sorted(shape_tensors)) or "none")
+    section = {
+        "version": trt.__version__, "engines": engines, "strongly_typed": strongly, "fp16": cfg.fp16,
+        "workspace_mib": cfg.workspace_mib, "profiles": specs,
+    }
+    _update_manifest(manifest_path, manifest, section)
+    return section
+
+
+def _update_manifest(path: Path, manifest: dict, section: dict) -> None:
+    """Add the engines (with sha256) and the "tensorrt" section; atomic replace of manifest.json."""
+    from export.manifest import sha256
+
+    files = dict(manifest["files"])
+    for name in section["engines"].values():
+        f = path.parent / name
+        files[name] = {"sha256": sha256(f), "bytes": f.stat().st_size}
+    manifest = {**manifest, "files": files, "tensorrt": section}
+    tmp = path.with_name(f".manifest.json.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# --- CLI -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> TrtConfig:
+    p = argparse.ArgumentParser(prog="python -m export.trt", description="Build TensorRT engines from an "
+                                "exported engine directory (run it on the target device).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("--engine-dir", type=Path, required=True, help="directory written by python -m export.build")
+    b = p.add_argument_group("build")
+    b.add_argument("--no-strongly-typed", dest="strongly_typed", action="store_false",
+                   help="weakly typed network (TensorRT picks precisions; needed for --fp16)")
+    b.add_argument("--fp16", action="store_true",
+                   help="allow fp16 kernels in a weakly typed network (DART's fp32 scoring may then run in "
+                        "fp16 and pick other tokens; prefer exporting with --dtype fp16)")
+    b.add_argument("--workspace-mib", type=int, default=None,
+                   help="builder workspace memory-pool limit in MiB (default: TensorRT's, all free memory)")
+    b.add_argument("--max-batch", type=int, default=None, help="largest batch (default: the export's)")
+    b.add_argument("--max-seq", type=int, default=None, help="longest prompt (default: the export's)")
+    b.add_argument("--max-context", type=int, default=None, help="prompt + generated tokens (default: the export's)")
+    b.add_argument("--timing-cache", type=Path, default=None, help="load and save the builder timing cache here")
+    p.add_argument("--dry-run", action="store_true", help="print the optimization profiles and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    a = p.parse_args(argv)
+    for flag in ("workspace_mib", "max_batch", "max_seq", "max_context"):
+        v = getattr(a, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
+    if not (a.engine_dir / "manifest.json").is_file():
+        p.error(f"--engine-dir {a.engine_dir} has no manifest.json (export it first: python -m export.build)")
+    return TrtConfig(a.engine_dir, a.strongly_typed, a.fp16, a.workspace_mib, a.max_batch, a.max_seq,
+                     a.max_context, a.timing_cache, a.dry_run, a.verbose)
+
+
+def format_profiles(specs: dict[str, list[dict]]) -> str:
+    lines = []
+    for stage, profiles in specs.items():
+        for i, prof in enumerate(profiles):
+            lines.append(f"{stage} profile {i} ({prof['name']}):")
+            for name, r in prof["inputs"].items():
+                what = "values" if r["kind"] == "values" else "shape"
+                lines.append(f"  {name:16s} {what:6s} min {r['min']}  opt {r['opt']}  max {r['max']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        result = build_engines(cfg)
+        if cfg.dry_run:
+            print(format_profiles(result["profiles"]))
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 1
+    except Exception as e:  # one line for the user, the traceback with -v
+        if cfg.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {'trt' if isinstance(e, TrtBuildError) else type(e).__name__}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

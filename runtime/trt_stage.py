@@ -1,0 +1,360 @@
+"""TrtStage: the Stage interface (`run(feeds) -> outputs`, numpy in and out) over a serialized
+TensorRT engine, for the Jetson path (TensorRT 10.3, JetPack 6). `tensorrt` and cuda-python are
+imported lazily, so this module imports anywhere; pick_profile and coerce_input are pure.
+
+    stage = TrtStage("engines/llava/decoder.engine")
+    out = stage.run({"inputs_embeds": ..., "past_key_0": ..., ...})
+
+One execution context per optimization profile (the decoder has 0 = prefill, 1 = decode), created
+on first use and bound to its profile once; each call picks the first profile whose ranges hold
+every input. Device buffers are cached per tensor name and only grow. Not thread-safe.
+
+TensorRT Python API relied on (docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/
+infer/Core/Engine.html and .../ExecutionContext.html; bindings in NVIDIA/TensorRT
+python/src/infer/pyCore.cpp):
+  ICudaEngine: num_io_tensors, get_tensor_name(i), get_tensor_mode/dtype/location(name),
+    is_shape_inference_io(name), get_tensor_profile_shape(name, profile_index) -> [min, opt, max],
+    get_tensor_profile_values(profile_index, name) -> [min, opt, max] value lists (the C++ lambda
+    takes the index first although its keyword names read (name, profile_index): call positionally),
+    create_execution_context().
+  IExecutionContext: set_optimization_profile_async(profile_index, stream_handle) (raises on
+    failure), set_input_shape(name, shape), set_tensor_address(name, int), get_tensor_shape(name),
+    set_output_allocator(name, allocator), execute_async_v3(stream_handle) -> bool.
+  IExecutionContext::setTensorAddress (NvInferRuntime.h): a kHOST tensor (input shape tensor)
+    takes a host pointer; every input needs a non-null address; an output whose getTensorShape
+    has a -1 after all input shapes are set needs an IOutputAllocator; setting both an address
+    and an allocator for one output is allowed.
+  IOutputAllocator (10.x): reallocate_output(tensor_name, memory, size, alignment) and
+    reallocate_output_async(..., stream); the binding calls reallocate_output when
+    reallocate_output_async is not overridden; notify_shape(tensor_name, shape) before
+    execute_async_v3 returns. Both are implemented here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+TRT_HINT = ("TensorRT's Python bindings are not installed: on Jetson they come with JetPack 6 "
+            "(`sudo apt install python3-libnvinfer`), on x86 servers `pip install tensorrt`")
+CUDA_HINT = "cuda-python is not installed: `pip install cuda-python` (its major version must match CUDA's)"
+
+Shape = tuple[int, ...]
+Ranges = Sequence[Mapping[str, tuple[Sequence[int], Sequence[int]]]]  # per profile: name -> (min, max)
+
+
+def trt_version() -> str | None:
+    """tensorrt.__version__, or None when TensorRT is not importable."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return getattr(tensorrt, "__version__", None)
+
+
+def _import_trt():
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise EngineError(f"{TRT_HINT} ({exc})") from None
+    return tensorrt
+
+
+def _import_cudart():
+    try:  # cuda-python >= 12.8 (and 13, which dropped `cuda.cudart`)
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError as exc:
+            raise EngineError(f"{CUDA_HINT} ({exc})") from None
+    return cudart
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def _misfit(bounds: Mapping[str, tuple[Sequence[int], Sequence[int]]], got: Mapping[str, Sequence[int]],
+            what: str) -> str | None:
+    """Why `got` does not fit one profile's min/max bounds (None when it fits)."""
+    for name, (lo, hi) in bounds.items():
+        if name not in got:
+            continue
+        x, lo, hi = tuple(got[name]), tuple(lo), tuple(hi)
+        if len(x) != len(lo):
+            return f"{name} {what} {x} has rank {len(x)}, the profile wants rank {len(lo)} ({lo}..{hi})"
+        if any(not a <= v <= b for v, a, b in zip(x, lo, hi)):
+            return f"{name} {what} {x} is outside {lo}..{hi}"
+    return None
+
+
+def pick_profile(ranges: Ranges, shapes: Mapping[str, Shape], value_ranges: Ranges | None = None,
+                 values: Mapping[str, Sequence[int]] | None = None, where: str = "engine") -> int:
+    """Index of the first optimization profile whose (min, max) shapes hold every input shape
+    (same rank, min <= dim <= max) and, for shape-tensor inputs, whose (min, max) value ranges hold
+    their values. Inputs a profile does not list are not checked. Raises EngineError naming, per
+    profile, the first input that does not fit."""
+    if not ranges:
+        raise EngineError(f"{where}: the engine has no optimization profiles")
+    reasons = []
+    for idx, bounds in enumerate(ranges):
+        why = _misfit(bounds, shapes, "shape")
+        if why is None and value_ranges is not None and values:
+            why = _misfit(value_ranges[idx], values, "values")
+        if why is None:
+            return idx
+        reasons.append(f"profile {idx}: {why}")
+    raise EngineError(f"{where}: no optimization profile takes these inputs ({'; '.join(reasons)}); "
+                      "rebuild the engine with wider profiles or shorten the input")
+
+
+def coerce_input(name: str, value, dtype: np.dtype, where: str = "engine") -> np.ndarray:
+    """`value` as a C-contiguous array of the engine's dtype. Casts that numpy calls safe
+    (int32 -> int64, float16 -> float32) are done, and integer narrowing (int64 -> int32) when every
+    value fits; anything else (float64 -> float32, float -> int, bool <-> int) raises EngineError."""
+    arr = np.asarray(value)
+    dtype = np.dtype(dtype)
+    if arr.dtype != dtype:
+        narrow_ok = arr.dtype.kind in "iu" and dtype.kind in "iu" and (
+            arr.size == 0 or (np.iinfo(dtype).min <= arr.min() and arr.max() <= np.iinfo(dtype).max))
+        if not (np.can_cast(arr.dtype, dtype, "safe") or narrow_ok):
+            raise EngineError(f"{where}: input {name} is {arr.dtype}, the engine takes {dtype} and the cast "
+                              "would lose values; pass it as " + str(dtype))
+        arr = arr.astype(dtype)
+    return np.ascontiguousarray(arr)
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+
+def _cuda(result, what: str):
+    """Unpack a cuda-python (err, value...) tuple; raise EngineError naming the CUDA error."""
+    err, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if int(err) != 0:
+        raise EngineError(f"CUDA error {getattr(err, 'name', err)} while {what}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class _DeviceBuffers:
+    """Device memory per tensor name that only grows (by at least 1.5x, so a decode loop whose KV
+    grows one token per step reallocates O(log n) times). Never hands out a null pointer: zero-size
+    tensors (empty past KV in prefill) get a small allocation, as TensorRT wants an address."""
+
+    MIN_BYTES = 256  # cudaMalloc memory is 256-byte aligned, TensorRT's requirement
+
+    def __init__(self, cudart):
+        self.cudart = cudart
+        self.bufs: dict[str, tuple[int, int]] = {}  # name -> (pointer, capacity)
+
+    def ensure(self, name: str, nbytes: int) -> int:
+        ptr, cap = self.bufs.get(name, (0, 0))
+        if nbytes <= cap:
+            return ptr
+        if ptr:
+            self.bufs.pop(name)
+            _cuda(self.cudart.cudaFree(ptr), f"freeing the buffer of {name}")
+        cap = max(int(nbytes), cap + cap // 2, self.MIN_BYTES)
+        ptr = _cuda(self.cudart.cudaMalloc(cap), f"allocating {cap} bytes for {name}")
+        self.bufs[name] = (int(ptr), cap)
+        return int(ptr)
+
+    def ptr(self, name: str) -> int:
+        return self.bufs[name][0]
+
+    def free_all(self) -> None:
+        bufs, self.bufs = self.bufs, {}
+        for name, (ptr, _) in bufs.items():
+            _cuda(self.cudart.cudaFree(ptr), f"freeing the buffer of {name}")
+
+
+def _make_allocator(trt, buffers: _DeviceBuffers):
+    """A trt.IOutputAllocator (the class exists only once tensorrt is imported) backed by `buffers`,
+    so outputs with data-dependent shapes (kept_positions, pruned KV) land in the same cache."""
+
+    class OutputAllocator(trt.IOutputAllocator):
+        def __init__(self):
+            trt.IOutputAllocator.__init__(self)  # required by the pybind11 trampoline
+            self.shapes: dict[str, Shape] = {}
+            self.error: str | None = None
+
+        def reallocate_output(self, tensor_name, memory, size, alignment):
+            try:  # exceptions cannot cross into TensorRT: record, return nullptr (execute fails)
+                return buffers.ensure(tensor_name, int(size))
+            except Exception as exc:
+                self.error = str(exc)
+                return 0
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            return self.reallocate_output(tensor_name, memory, size, alignment)
+
+        def notify_shape(self, tensor_name, shape):
+            self.shapes[tensor_name] = tuple(int(d) for d in shape)
+
+    return OutputAllocator()
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+class TrtStage:
+    """A serialized TensorRT engine (.engine / .plan) with the Stage interface."""
+
+    def __init__(self, path: str | Path, name: str | None = None, device: int = 0):
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self._buffers = self._stream = None
+        self._contexts: dict[int, object] = {}
+        self._engine = self._runtime = None
+        trt = self._trt = _import_trt()
+        cudart = self._cudart = _import_cudart()
+        self.device = device
+        if not self.path.is_file():
+            raise EngineError(f"{self.name}: engine file {self.path} does not exist; build it with python -m export.trt")
+        _cuda(cudart.cudaSetDevice(device), f"selecting CUDA device {device}")
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
+            raise EngineError(f"{self.path}: TensorRT {trt.__version__} cannot deserialize it (built by another "
+                              "TensorRT version or for another GPU?); rebuild it on this device with python -m export.trt")
+        self._stream = _cuda(cudart.cudaStreamCreate(), "creating a CUDA stream")
+        self._buffers = _DeviceBuffers(cudart)
+        self._allocator = _make_allocator(trt, self._buffers)
+
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes: dict[str, np.dtype] = {}
+        for n in names:
+            dt = engine.get_tensor_dtype(n)
+            try:
+                self.dtypes[n] = np.dtype(trt.nptype(dt))
+            except (TypeError, KeyError):  # bf16 / fp8 / int4 have no numpy type
+                raise EngineError(f"{self.name}: tensor {n} is {dt}, which numpy cannot hold; rebuild the engine "
+                                  "with float32/float16 I/O") from None
+        self._host = {n for n in self.input_names if engine.get_tensor_location(n) == trt.TensorLocation.HOST}
+        self._shape_inputs = [n for n in self.input_names if engine.is_shape_inference_io(n)]
+        self.ranges: list[dict] = []
+        self.value_ranges: list[dict] = []
+        for p in range(engine.num_optimization_profiles):
+            shapes, values = {}, {}
+            for n in self.input_names:
+                if n in self._shape_inputs:  # fixed shape; its values are what the profile bounds
+                    fixed = tuple(engine.get_tensor_shape(n))
+                    if all(d >= 0 for d in fixed):
+                        shapes[n] = (fixed, fixed)
+                    mm = engine.get_tensor_profile_values(p, n)
+                    if mm:
+                        values[n] = (tuple(mm[0]), tuple(mm[2]))
+                else:
+                    mm = engine.get_tensor_profile_shape(n, p)
+                    shapes[n] = (tuple(mm[0]), tuple(mm[2]))
+            self.ranges.append(shapes)
+            self.value_ranges.append(values)
+        log.info("%s: loaded %s (TensorRT %s, %d profile(s))", self.name, self.path.name, trt.__version__,
+                 len(self.ranges))
+
+    def _context(self, profile: int):
+        """The execution context bound to `profile`, created on first use (TensorRT: a context's
+        profile must be set before it runs, and a profile serves one context at a time)."""
+        ctx = self._contexts.get(profile)
+        if ctx is None:
+            ctx = self._engine.create_execution_context()
+            if ctx is None:
+                raise EngineError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
+            try:
+                ctx.set_optimization_profile_async(profile, int(self._stream))
+            except Exception as exc:
+                raise EngineError(f"{self.name}: TensorRT could not select optimization profile {profile} ({exc})") from None
+            for n in self.output_names:  # every output may fall back to the allocator
+                if not ctx.set_output_allocator(n, self._allocator):
+                    raise EngineError(f"{self.name}: TensorRT refused an output allocator for {n}")
+            self._contexts[profile] = ctx
+        return ctx
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._engine is None:
+            raise EngineError(f"{self.name}: the stage is closed")
+        missing = [n for n in self.input_names if n not in feeds]
+        extra = [n for n in feeds if n not in self.dtypes or n in self.output_names]
+        if missing or extra:
+            raise EngineError(f"{self.name}: missing inputs {missing}, unexpected inputs {extra}; the engine takes "
+                              f"{self.input_names}")
+        arrays = {n: coerce_input(n, feeds[n], self.dtypes[n], self.name) for n in self.input_names}
+        values = {n: [int(v) for v in arrays[n].reshape(-1)] for n in self._shape_inputs}
+        profile = pick_profile(self.ranges, {n: a.shape for n, a in arrays.items()}, self.value_ranges, values,
+                               where=self.name)
+        cudart, stream = self._cudart, self._stream
+        _cuda(cudart.cudaSetDevice(self.device), f"selecting CUDA device {self.device}")
+        ctx = self._context(profile)
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for n, a in arrays.items():
+            if tuple(ctx.get_tensor_shape(n)) != a.shape and not ctx.set_input_shape(n, a.shape):
+                raise EngineError(f"{self.name}: TensorRT rejected shape {a.shape} for {n} (profile {profile})")
+            if n in self._host:  # shape tensor: TensorRT reads its values from host memory
+                ptr = a.ctypes.data  # `arrays` keeps it alive until the stream is synchronized
+            else:
+                ptr = self._buffers.ensure(n, a.nbytes)
+                if a.nbytes:
+                    _cuda(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, h2d, stream), f"copying {n} to the GPU")
+            if not ctx.set_tensor_address(n, ptr):
+                raise EngineError(f"{self.name}: TensorRT rejected the address of {n}")
+        static: dict[str, Shape] = {}  # outputs whose shapes are known now; the rest come from notify_shape
+        for n in self.output_names:
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(n))
+            if all(d >= 0 for d in shape):
+                static[n] = shape
+                nbytes = math.prod(shape) * self.dtypes[n].itemsize
+                if not ctx.set_tensor_address(n, self._buffers.ensure(n, nbytes)):
+                    raise EngineError(f"{self.name}: TensorRT rejected the address of {n}")
+        self._allocator.shapes.clear()
+        self._allocator.error = None
+        if not ctx.execute_async_v3(int(stream)):
+            why = f" ({self._allocator.error})" if self._allocator.error else ""
+            raise EngineError(f"{self.name}: TensorRT execution failed on profile {profile}{why}; see the TensorRT "
+                              "log above")
+        outputs = {}
+        for n in self.output_names:
+            shape = static.get(n) or self._allocator.shapes.get(n)
+            if shape is None:
+                raise EngineError(f"{self.name}: TensorRT did not report the shape of output {n}")
+            out = outputs[n] = np.empty(shape, self.dtypes[n])
+            if out.nbytes:
+                _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers.ptr(n), out.nbytes, d2h, stream),
+                      f"copying {n} from the GPU")
+        _cuda(cudart.cudaStreamSynchronize(stream), f"running {self.name}")
+        return outputs
+
+    def close(self) -> None:
+        """Free the device buffers, the contexts, the engine and the stream (idempotent)."""
+        self._contexts = {}
+        self._engine = self._runtime = None
+        try:
+            if self._stream is not None:
+                _cuda(self._cudart.cudaStreamSynchronize(self._stream), "finishing work before close")
+            if self._buffers is not None:
+                self._buffers.free_all()
+        finally:
+            stream, self._stream = self._stream, None
+            if stream is not None:
+                _cuda(self._cudart.cudaStreamDestroy(stream), "destroying the CUDA stream")
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown, CUDA context already gone
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
