@@ -188,6 +188,10 @@ def ensure_engine(cfg: BenchConfig) -> Path:
                              "alone to benchmark it, or another --engine-dir")
         return out
     log.info("bench: no engine at %s; exporting %s first", out, cfg.model)
+    if not log.isEnabledFor(logging.DEBUG):
+        from export.build import _quiet_exporter
+
+        _quiet_exporter()
     d = cfg.dart
     build(parse_args(["--model", cfg.model, "--out", str(out), "--ratio", str(d.keep_ratio or 0.111),
                       "--layer", str(d.layer), "--pivots-image", str(d.pivots_image),

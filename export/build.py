@@ -218,6 +218,24 @@ def _stage_signatures(flat, dims, image_size, n_vision, dtype_name) -> dict:
     }
 
 
+def _quiet_exporter() -> None:
+    """torch.onnx and onnxscript warn about things that are fine for our graphs (torchvision ops not
+    registered, axis renames, deprecations). torch configures its own loggers on import, so this
+    runs after importing it; -v keeps everything."""
+    import warnings
+
+    import torch  # noqa: F401  (its logging setup must run first)
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+    warnings.filterwarnings("ignore", message=r".*torchvision.*")
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # e.g. "CLIPImageProcessor requires torchvision": we do not use it
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -241,6 +259,8 @@ def main(argv=None) -> int:
             from export import trt
 
             trt._import_trt()  # fail before exporting, not after
+        if not cfg.verbose:
+            _quiet_exporter()
         build(cfg)
         if cfg.target == "trt":
             trt.build_engines(trt.TrtConfig(engine_dir=cfg.out, verbose=cfg.verbose))

@@ -128,8 +128,7 @@ def coerce_input(name: str, value, dtype: np.dtype, where: str = "engine") -> np
         if not (np.can_cast(arr.dtype, dtype, "safe") or narrow_ok):
             raise EngineError(f"{where}: input {name} is {arr.dtype}, the engine takes {dtype} and the cast "
                               "would lose values; pass it as " + str(dtype))
-        arr = arr.astype(dtype)
-    return np.ascontiguousarray(arr)
+    return np.asarray(arr, dtype=dtype, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
 
 
 # --- CUDA ---------------------------------------------------------------------------------------
@@ -212,6 +211,7 @@ class TrtStage:
         self.name = name or self.path.stem
         self._buffers = self._stream = None
         self._contexts: dict[int, object] = {}
+        self._allocated: set[tuple[int, str]] = set()  # (profile, output) with the allocator set
         self._engine = self._runtime = None
         trt = self._trt = _import_trt()
         cudart = self._cudart = _import_cudart()
@@ -232,6 +232,7 @@ class TrtStage:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._input_set = set(self.input_names)
         self.dtypes: dict[str, np.dtype] = {}
         for n in names:
             dt = engine.get_tensor_dtype(n)
@@ -251,7 +252,10 @@ class TrtStage:
                     fixed = tuple(engine.get_tensor_shape(n))
                     if all(d >= 0 for d in fixed):
                         shapes[n] = (fixed, fixed)
-                    mm = engine.get_tensor_profile_values(p, n)
+                    try:  # positional (profile_index, name): see the module docstring
+                        mm = engine.get_tensor_profile_values(p, n)
+                    except Exception:  # not an input shape binding after all: no value bounds
+                        mm = None
                     if mm:
                         values[n] = (tuple(mm[0]), tuple(mm[2]))
                 else:
@@ -274,9 +278,6 @@ class TrtStage:
                 ctx.set_optimization_profile_async(profile, int(self._stream))
             except Exception as exc:
                 raise EngineError(f"{self.name}: TensorRT could not select optimization profile {profile} ({exc})") from None
-            for n in self.output_names:  # every output may fall back to the allocator
-                if not ctx.set_output_allocator(n, self._allocator):
-                    raise EngineError(f"{self.name}: TensorRT refused an output allocator for {n}")
             self._contexts[profile] = ctx
         return ctx
 
@@ -284,7 +285,7 @@ class TrtStage:
         if self._engine is None:
             raise EngineError(f"{self.name}: the stage is closed")
         missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self.dtypes or n in self.output_names]
+        extra = [n for n in feeds if n not in self._input_set]
         if missing or extra:
             raise EngineError(f"{self.name}: missing inputs {missing}, unexpected inputs {extra}; the engine takes "
                               f"{self.input_names}")
@@ -315,6 +316,10 @@ class TrtStage:
                 nbytes = math.prod(shape) * self.dtypes[n].itemsize
                 if not ctx.set_tensor_address(n, self._buffers.ensure(n, nbytes)):
                     raise EngineError(f"{self.name}: TensorRT rejected the address of {n}")
+            elif (profile, n) not in self._allocated:  # data-dependent: TensorRT asks the allocator
+                if not ctx.set_output_allocator(n, self._allocator):
+                    raise EngineError(f"{self.name}: TensorRT refused an output allocator for {n}")
+                self._allocated.add((profile, n))
         self._allocator.shapes.clear()
         self._allocator.error = None
         if not ctx.execute_async_v3(int(stream)):
@@ -323,7 +328,7 @@ class TrtStage:
                               "log above")
         outputs = {}
         for n in self.output_names:
-            shape = static.get(n) or self._allocator.shapes.get(n)
+            shape = static[n] if n in static else self._allocator.shapes.get(n)
             if shape is None:
                 raise EngineError(f"{self.name}: TensorRT did not report the shape of output {n}")
             out = outputs[n] = np.empty(shape, self.dtypes[n])
@@ -335,17 +340,19 @@ class TrtStage:
 
     def close(self) -> None:
         """Free the device buffers, the contexts, the engine and the stream (idempotent)."""
-        self._contexts = {}
-        self._engine = self._runtime = None
+        stream, self._stream = self._stream, None
         try:
-            if self._stream is not None:
-                _cuda(self._cudart.cudaStreamSynchronize(self._stream), "finishing work before close")
-            if self._buffers is not None:
-                self._buffers.free_all()
-        finally:
-            stream, self._stream = self._stream, None
             if stream is not None:
-                _cuda(self._cudart.cudaStreamDestroy(stream), "destroying the CUDA stream")
+                _cuda(self._cudart.cudaStreamSynchronize(stream), f"finishing {self.name} before closing it")
+        finally:
+            self._contexts, self._allocated = {}, set()
+            self._engine = self._runtime = None  # contexts, then engine, then runtime
+            try:
+                if self._buffers is not None:
+                    self._buffers.free_all()
+            finally:
+                if stream is not None:
+                    _cuda(self._cudart.cudaStreamDestroy(stream), "destroying the CUDA stream")
 
     def __del__(self):
         try:

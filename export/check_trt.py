@@ -1,0 +1,368 @@
+"""Check an engine directory's ONNX graphs against TensorRT 10.3's ONNX parser, without TensorRT.
+
+    python -m export.check_trt engines/llava-tiny            # report, exit 1 on errors
+    python -m export.check_trt engines/llava-tiny --json     # findings as JSON
+
+A static check: model-local functions are inlined first (the parser imports them node by node
+too), then every node is held against the published operator matrix and the few restrictions that
+decide whether TensorRT 10.3 parses and builds the graph. "error": the parser rejects the node or
+the engine build fails. "warning": it builds, with a restriction or a caveat worth knowing.
+It reads graph structure only (onnx.load(..., load_external_data=False)), never the weights.
+
+Sources (the rules below cite them by letter):
+[M] onnx-tensorrt operator support matrix, docs/operators.md: release/10.3,
+    https://github.com/onnx/onnx-tensorrt/blob/release/10.3/docs/operators.md (10.x header:
+    "supports operators in the inclusive range of opset 9 to opset 20"); the op list below is the
+    10.x matrix minus the ops [C] says were added after 10.3.
+[C] onnx-tensorrt docs/Changelog.md (10.4: Blackman/Hamming/HannWindow, Pad tensor axes;
+    10.5: STFT; 10.7: dynamic Squeeze/Unsqueeze axes; 10.8: dynamic CumSum axis;
+    10.14: Attention; 10.15: RotaryEmbedding, RMSNormalization, TensorScatter;
+    9.0: "The ONNX parser no longer automatically casts INT64 to INT32 ... INT64 bindings").
+[P] onnx-tensorrt 10.x parser source, ModelImporter.cpp (parseNode: builtin importer, else a
+    model-local function, else FallbackPluginImporter; "Make sure input X has Int64 binding")
+    and onnxOpImporters.cpp (TopK: K is wired to ITopKLayer input 1; Squeeze/Unsqueeze:
+    "axes input must be an initializer"; ScatterElements with a reduction uses the
+    ScatterElements plugin), https://github.com/onnx/onnx-tensorrt (10.x branches).
+[L] TensorRT 10 layer docs: ITopKLayer::setK "only values up to 3840 are supported", TopK
+    operator "k <= 3840"; ITensor::isShapeTensor and IOptimizationProfile::setShapeValues
+    (shape input tensors: host values, min/opt/max in the profile), TensorRT 10.3 developer guide
+    (dynamic shapes, data-dependent shapes, loops and conditionals),
+    https://docs.nvidia.com/deeplearning/tensorrt/archives/tensorrt-1030/developer-guide/index.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, inliner, numpy_helper
+
+TRT_VERSION = "10.3"
+# [M] "TensorRT 10.x supports operators in the inclusive range of opset 9 to opset 20".
+MIN_OPSET, MAX_OPSET = 9, 20
+# [L] ITopKLayer: k <= 3840.
+MAX_TOPK_K = 3840
+STAGE_FILES = ("vision_encoder", "embed_tokens", "decoder")
+
+# [M] rows marked Y in the operator matrix, default ONNX domain, as of TensorRT 10.3 ([C] for
+# what came later). Marked N there (hence errors here): Unique, Compress, BitShift, Bitwise*,
+# DFT, Det, Multinomial, Optional*, QLinear*, Sequence*, String*, MatMulInteger, ...
+SUPPORTED_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast
+CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv
+DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather
+GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual
+GridSample GroupNormalization GRU HardSigmoid HardSwish Hardmax Identity If ImageScaler
+InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN
+LSTM LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg
+NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal
+RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum
+ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize
+ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink
+Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan
+Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+
+# Plugin creators TensorRT itself ships that a custom-domain node may name (op_type). Left empty
+# on purpose: this project needs none, and a plugin name here would only turn an error into a
+# warning that still needs libnvinfer_plugin loaded at build and run time.
+KNOWN_TRT_PLUGINS: frozenset[str] = frozenset()
+
+# [M]/[L] outputs whose shape depends on input values (data-dependent shapes, TensorRT >= 8.5).
+DATA_DEPENDENT = {"NonZero", "NonMaxSuppression"}
+# [M] Loop/If/Scan are "Y" with restrictions; [L] "Working with Loops / Conditionals".
+CONTROL_FLOW = {
+    "Loop": "scan outputs cannot have a dynamic length and loop-carried values must keep one shape",
+    "If": "both branches' outputs must have the same rank (and distinct names); a non-constant "
+          "condition becomes an IIfConditional, which blocks fusion across it",
+    "Scan": "lowered to an ILoop; each iteration runs serially",
+}
+# Inputs the 10.3 parser needs as weights (an initializer or a Constant output):
+# [M] CumSum "axis must be a build-time constant" (dynamic since 10.8 [C]); Reduce* "axes must be
+# an initializer"; [P] Squeeze/Unsqueeze "axes input must be an initializer" (dynamic since 10.7
+# [C]); Pad axes (tensor axes since 10.4 [C]). (op, input index, first opset with that input)
+CONST_INPUTS = {"CumSum": (1, "axis", 11), "Squeeze": (1, "axes", 13), "Unsqueeze": (1, "axes", 13),
+                "Pad": (3, "axes", 18), "ReduceSum": (1, "axes", 13)}
+CONST_INPUTS.update({op: (1, "axes", 18) for op in (
+    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+    "ReduceProd", "ReduceSumSquare")})
+# Inputs TensorRT consumes as shape tensors ([L] ITensor::isShapeTensor): a graph input feeding one
+# of these (through any arithmetic, but not through Shape/Size) becomes a shape input tensor.
+SHAPE_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,),
+                  "Slice": (1, 2, 3, 4), "Range": (0, 1, 2), "TopK": (1,), "OneHot": (1,),
+                  "Pad": (1,), "Split": (1,), "Resize": (3,)}
+SHAPE_BARRIERS = {"Shape", "Size", "Constant"}
+MERGE_ABOVE = 8  # more int64 graph I/O tensors than this: one merged finding per graph
+
+
+@dataclass(frozen=True)
+class Finding:
+    graph: str
+    node: str  # node name, or "<graph>" for graph-level findings
+    op_type: str
+    severity: str  # "error" | "warning"
+    rule: str
+    message: str
+
+    def line(self) -> str:
+        where = self.node if not self.op_type else f"{self.node} ({self.op_type})"
+        return f"{self.severity} [{self.rule}] {where}: {self.message}"
+
+
+class CheckError(ValueError):
+    """Bad input (no engine directory, unreadable manifest or graph): exit 2."""
+
+
+class EngineFindings(dict):
+    """check_engine_dir's result: {file name: [Finding]}, plus `nodes` {file name: node count}."""
+
+    def __init__(self):
+        super().__init__()
+        self.nodes: dict[str, int] = {}
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _const_value(node: onnx.NodeProto):
+    """The value of a Constant node as a numpy array, or None when it is not readable here."""
+    for a in node.attribute:
+        if a.name == "value" and a.HasField("t") and a.t.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_int":
+            return numpy_helper.to_array(onnx.helper.make_tensor("v", TensorProto.INT64, [], [a.i]))
+        if a.name == "value_ints":
+            return numpy_helper.to_array(onnx.helper.make_tensor("v", TensorProto.INT64, [len(a.ints)], a.ints))
+    return None
+
+
+def _node_name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"<{node.op_type} #{index}>"
+
+
+def _walk(graph: onnx.GraphProto, consts: dict):
+    """Yield (node, index, consts) for every node, entering Loop/If/Scan bodies; `consts` maps
+    tensor names to a value (or None if unknown) for initializers and Constant outputs."""
+    consts = dict(consts)
+    for init in graph.initializer:
+        external = init.data_location == TensorProto.EXTERNAL
+        consts[init.name] = None if external or init.data_type == TensorProto.STRING else numpy_helper.to_array(init)
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            consts[node.output[0]] = _const_value(node)
+        yield node, i, consts
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _walk(sub, consts)
+
+
+def _check_node(node, index, consts, opset, graph_name) -> list[Finding]:
+    op, name = node.op_type, _node_name(node, index)
+
+    def f(severity, rule, message):
+        return Finding(graph_name, name, op, severity, rule, message)
+
+    if node.domain not in ("", "ai.onnx"):
+        # [P] no builtin importer and no local function left after inlining: FallbackPluginImporter.
+        if op in KNOWN_TRT_PLUGINS:
+            return [f("warning", "plugin", f"imported as TensorRT's '{op}' plugin: libnvinfer_plugin must be "
+                                          "loaded when building and running the engine")]
+        return [f("error", "plugin", f"custom op {node.domain}::{op} has no model-local function: TensorRT's "
+                                     f"parser looks for a plugin creator named '{op}'; register one (or give the "
+                                     "op a function body of standard ONNX ops)")]
+    if op not in SUPPORTED_OPS:
+        return [f("error", "unsupported-op", f"{op} is not supported by TensorRT {TRT_VERSION}'s ONNX parser "
+                                             "(operator matrix); rewrite it with supported ops or as a plugin")]
+    out = []
+    if op == "TopK":  # [M] [P] [L]
+        k_name = node.input[1] if opset >= 10 and len(node.input) > 1 else None
+        if k_name is not None and k_name not in consts:
+            out.append(f("error", "topk-k-not-constant",
+                         f"K ('{k_name}') is not an initializer or Constant: TensorRT takes it only as a "
+                         f"build-time shape tensor <= {MAX_TOPK_K} (a data-dependent K fails the build); "
+                         "make K a Constant"))
+        else:
+            k = consts.get(k_name) if k_name is not None else next(
+                (a.i for a in node.attribute if a.name == "k"), None)
+            k = None if k is None or np.size(k) == 0 else int(np.max(k))
+            if k is not None and k > MAX_TOPK_K:
+                out.append(f("error", "topk-k-too-large", f"K = {k} exceeds TensorRT's TopK limit of "
+                                                          f"{MAX_TOPK_K}; split the selection or shorten the axis"))
+    if op in CONST_INPUTS:
+        idx, what, since = CONST_INPUTS[op]
+        if opset >= since and len(node.input) > idx and node.input[idx] and node.input[idx] not in consts:
+            out.append(f("error", "input-not-constant",
+                         f"{what} ('{node.input[idx]}') must be an initializer or Constant for TensorRT "
+                         f"{TRT_VERSION}'s {op} importer; export it as a constant"))
+    if op in DATA_DEPENDENT:
+        out.append(f("warning", "data-dependent-shape",
+                     f"{op}'s output shape depends on data: supported through data-dependent shapes, which "
+                     "need an output allocator for graph outputs, run slower and stop shape-based fusion"))
+    if op in CONTROL_FLOW:
+        out.append(f("warning", "control-flow", f"{op} is supported with restrictions: {CONTROL_FLOW[op]}"))
+    if op == "ScatterElements":  # [P] reduction != none goes through a plugin
+        red = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
+        if red != "none":
+            out.append(f("warning", "plugin", f"reduction='{red}' is imported through TensorRT's ScatterElements "
+                                              "plugin: libnvinfer_plugin must be loaded"))
+    return out
+
+
+def _int64_io(graph: onnx.GraphProto, graph_name: str) -> list[Finding]:
+    """[C] 9.0 / [P]: INT64 graph inputs and outputs stay INT64 (the parser logs "Make sure input
+    X has Int64 binding"): the caller must bind int64 buffers. INT64 initializers are not flagged:
+    TensorRT 10 imports them natively (no cast to INT32 since 9.0)."""
+    io = [("input", v) for v in graph.input] + [("output", v) for v in graph.output]
+    inits = {t.name for t in graph.initializer}
+    hits = [(kind, v.name) for kind, v in io
+            if v.type.tensor_type.elem_type == TensorProto.INT64 and v.name not in inits]
+    why = "TensorRT 10.3 keeps INT64 I/O as INT64 (no cast to INT32 since 9.0): bind int64 buffers"
+    if len(hits) > MERGE_ABOVE:
+        names = ", ".join(n for _, n in hits[:4])
+        return [Finding(graph_name, "<graph>", "", "warning", "int64",
+                        f"{len(hits)} int64 graph inputs/outputs ({names}, ...): {why}")]
+    return [Finding(graph_name, "<graph>", "", "warning", "int64", f"{kind} '{name}' is int64: {why}")
+            for kind, name in hits]
+
+
+def _shape_inputs(graph: onnx.GraphProto, graph_name: str) -> list[Finding]:
+    """[L] Integer graph inputs of rank <= 1 that feed a shape operand become shape input tensors."""
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    inputs = {v.name: v for v in graph.input if v.name not in inits}
+    stack = [n.input[i] for n in graph.node for i in SHAPE_OPERANDS.get(n.op_type, ())
+             if n.domain in ("", "ai.onnx") and i < len(n.input) and n.input[i]]
+    seen, reached = set(), []
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in inputs:
+            reached.append(name)
+        elif name in producer and producer[name].op_type not in SHAPE_BARRIERS:
+            stack.extend(i for i in producer[name].input if i)
+    out = []
+    for name in sorted(reached, key=list(inputs).index):
+        t = inputs[name].type.tensor_type
+        rank = len(t.shape.dim) if t.HasField("shape") else None
+        if t.elem_type in (TensorProto.INT32, TensorProto.INT64) and rank is not None and rank <= 1:
+            out.append(Finding(graph_name, "<graph>", "", "warning", "shape-input",
+                               f"input '{name}' feeds shape computations, so TensorRT makes it a shape input "
+                               "tensor: its values live on the host and the optimization profile needs "
+                               "min/opt/max values for it (IOptimizationProfile::setShapeValues)"))
+    return out
+
+
+def inline(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every model-local function inlined (recursively), as TensorRT imports it."""
+    return inliner.inline_local_functions(model) if model.functions else model
+
+
+def check_model(model: onnx.ModelProto, graph_name: str) -> list[Finding]:
+    """All findings for one model (inlined first), graph-level ones first."""
+    opset = _default_opset(model)
+    out = []
+    if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:  # [M]
+        out.append(Finding(graph_name, "<graph>", "", "error", "opset",
+                           f"default-domain opset {opset} is outside TensorRT {TRT_VERSION}'s supported range "
+                           f"{MIN_OPSET}..{MAX_OPSET}; re-export with an opset in that range"))
+    model = inline(model)
+    out += _int64_io(model.graph, graph_name)
+    out += _shape_inputs(model.graph, graph_name)
+    for node, i, consts in _walk(model.graph, {}):
+        out += _check_node(node, i, consts, opset or MAX_OPSET, graph_name)
+    return out
+
+
+def count_nodes(model: onnx.ModelProto) -> int:
+    return sum(1 for _ in _walk(inline(model).graph, {}))
+
+
+def _stage_files(path: Path) -> list[str]:
+    if not path.is_dir():
+        raise CheckError(f"{path} is not a directory")
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        raise CheckError(f"{path} is not an engine directory (no manifest.json)")
+    try:
+        stages = json.loads(manifest.read_text())["stages"]
+        files = [stages[s]["file"] for s in STAGE_FILES if s in stages]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e})") from e
+    if not files:
+        raise CheckError(f"{manifest} lists none of the stages {', '.join(STAGE_FILES)}")
+    return files
+
+
+def check_engine_dir(path) -> EngineFindings:
+    """{graph file: [Finding]} for the stages listed in `path`/manifest.json (weights not read)."""
+    path = Path(path)
+    result = EngineFindings()
+    for name in _stage_files(path):
+        try:
+            model = onnx.load(str(path / name), load_external_data=False)
+        except Exception as e:  # missing or corrupt file
+            raise CheckError(f"{path / name}: cannot load ({type(e).__name__}: {e})") from e
+        result[name] = check_model(model, name)
+        result.nodes[name] = count_nodes(model)
+    return result
+
+
+def _totals(findings_by_graph) -> tuple[int, int]:
+    all_ = [f for fs in findings_by_graph.values() for f in fs]
+    return sum(f.severity == "error" for f in all_), sum(f.severity == "warning" for f in all_)
+
+
+def format_report(findings_by_graph) -> str:
+    nodes = getattr(findings_by_graph, "nodes", {})
+    lines = []
+    for name, findings in findings_by_graph.items():
+        errors, warnings = _totals({name: findings})
+        head = "OK" if not errors else f"FAILED, {errors} error{'s' * (errors != 1)}"
+        if warnings:
+            head += f", {warnings} warning{'s' * (warnings != 1)}"
+        count = f" ({nodes[name]} nodes after inlining)" if name in nodes else ""
+        lines.append(f"{name}: {head}{count}")
+        lines += [f"  {f.line()}" for f in sorted(findings, key=lambda f: f.severity != "error")]
+    errors, warnings = _totals(findings_by_graph)
+    lines.append(f"TensorRT {TRT_VERSION} static check: {errors} error(s), {warnings} warning(s) "
+                 f"in {len(findings_by_graph)} graph(s)")
+    return "\n".join(lines)
+
+
+def to_json(findings_by_graph) -> dict:
+    nodes = getattr(findings_by_graph, "nodes", {})
+    errors, warnings = _totals(findings_by_graph)
+    return {"tensorrt": TRT_VERSION, "errors": errors, "warnings": warnings,
+            "graphs": {name: {"nodes": nodes.get(name), "findings": [asdict(f) for f in fs]}
+                       for name, fs in findings_by_graph.items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.check_trt",
+                                description=f"Static check of an engine directory's ONNX graphs against "
+                                            f"TensorRT {TRT_VERSION}'s ONNX parser (no TensorRT needed).")
+    p.add_argument("engine_dir", type=Path, help="engine directory (with manifest.json)")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on failure")
+    a = p.parse_args(argv)
+    try:
+        result = check_engine_dir(a.engine_dir)
+    except CheckError as e:
+        if a.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(to_json(result), indent=2) if a.json else format_report(result))
+    return 1 if _totals(result)[0] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,550 @@
+"""runtime/trt_stage.py: profile choice and input coercion (pure), the missing-package errors, the
+whole run() path against a fake `tensorrt` + fake cudart (host memory stands in for device memory,
+so the copies, addresses, profiles and output allocator are checked byte for byte), and, where
+TensorRT and a GPU exist, a real two-profile engine compared with onnxruntime."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from runtime import trt_stage
+from runtime.errors import EngineError
+from runtime.trt_stage import TrtStage, coerce_input, pick_profile
+
+# --- pick_profile: the decoder's two profiles -----------------------------------------------------
+
+D, H, HD, MAX_SEQ, MAX_CTX = 64, 2, 16, 2048, 4096
+
+
+def decoder_ranges():
+    """Prefill (0): seq 1..2048, both past groups 0..0; decode (1): seq 1, past 1..4096."""
+    def profile(seq, past_full, past_kept):
+        return {
+            "inputs_embeds": ((1, seq[0], D), (1, seq[1], D)),
+            "position_ids": ((1, seq[0]), (1, seq[1])),
+            "past_key_0": ((1, H, past_full[0], HD), (1, H, past_full[1], HD)),  # layers < K
+            "past_key_3": ((1, H, past_kept[0], HD), (1, H, past_kept[1], HD)),  # layers >= K (pruned)
+        }
+    return [profile((1, MAX_SEQ), (0, 0), (0, 0)), profile((1, 1), (1, MAX_CTX), (1, MAX_CTX))]
+
+
+def decoder_shapes(seq, past_full, past_kept):
+    return {"inputs_embeds": (1, seq, D), "position_ids": (1, seq),
+            "past_key_0": (1, H, past_full, HD), "past_key_3": (1, H, past_kept, HD)}
+
+
+def test_prefill_picks_profile_0_and_decode_profile_1():
+    ranges = decoder_ranges()
+    assert pick_profile(ranges, decoder_shapes(600, 0, 0)) == 0
+    assert pick_profile(ranges, decoder_shapes(1, 0, 0)) == 0  # a one-token prompt is still prefill
+    assert pick_profile(ranges, decoder_shapes(1, 600, 70)) == 1  # the two KV groups differ in length
+    assert pick_profile(ranges, decoder_shapes(1, MAX_CTX, MAX_CTX)) == 1
+
+
+def test_no_profile_fits_names_the_input():
+    with pytest.raises(EngineError) as e:
+        pick_profile(decoder_ranges(), decoder_shapes(MAX_SEQ + 1, 0, 0), where="decoder")
+    msg = str(e.value)
+    assert msg.startswith("decoder:") and "inputs_embeds" in msg and str((1, MAX_SEQ + 1, D)) in msg
+    assert str((1, 1, D)) in msg and str((1, MAX_SEQ, D)) in msg  # the allowed range is shown
+    with pytest.raises(EngineError, match="past_key_0"):  # decode with two new tokens: neither profile
+        pick_profile(decoder_ranges(), decoder_shapes(2, 10, 10))
+    with pytest.raises(EngineError, match="past_key_3"):  # past beyond max_context
+        pick_profile(decoder_ranges(), decoder_shapes(1, 10, MAX_CTX + 1))
+
+
+def test_rank_mismatch_raises():
+    shapes = decoder_shapes(5, 0, 0)
+    shapes["past_key_0"] = (1, H, HD)
+    with pytest.raises(EngineError, match="rank 3"):
+        pick_profile(decoder_ranges(), shapes)
+
+
+def test_shape_tensor_values_take_part_in_the_choice():
+    ranges = [{"x": ((1,), (8,))}, {"x": ((1,), (8,))}]
+    value_ranges = [{"quota": ((0,), (584,))}, {"quota": ((0,), (0,))}]
+    assert pick_profile(ranges, {"x": (3,)}, value_ranges, {"quota": [100]}) == 0
+    assert pick_profile(ranges, {"x": (3,)}, [{"quota": ((1,), (584,))}, value_ranges[1]], {"quota": [0]}) == 1
+    with pytest.raises(EngineError, match=r"quota values \(600,\) is outside \(0,\)\.\.\(584,\)"):
+        pick_profile(ranges, {"x": (3,)}, value_ranges, {"quota": [600]})
+
+
+def test_pick_profile_edge_cases():
+    with pytest.raises(EngineError, match="no optimization profiles"):
+        pick_profile([], {"x": (1,)})
+    assert pick_profile([{"x": ((), ())}], {"x": ()}) == 0  # 0-d inputs
+    assert pick_profile([{"x": ((1,), (4,))}], {"other": (9,)}) == 0  # unlisted inputs are not checked
+
+
+def test_coerce_input():
+    a = coerce_input("ids", np.array([[1, 2]], np.int32), np.int64)
+    assert a.dtype == np.int64 and a.flags.c_contiguous
+    assert coerce_input("ids", np.array([1, 2], np.int64), np.int32).dtype == np.int32  # values fit
+    assert coerce_input("x", np.ones((2, 3), np.float16), np.float32).dtype == np.float32
+    assert coerce_input("x", np.ones((3, 2), np.float32).T, np.float32).flags.c_contiguous
+    assert coerce_input("e", np.zeros((0, 4), np.int64), np.int32).shape == (0, 4)
+    assert coerce_input("s", 5, np.int64).shape == ()
+    for value, dtype in [(np.array([2**40]), np.int32), (np.ones(2, np.float64), np.float32),
+                         (np.ones(2, np.float32), np.int64), (np.ones(2, bool), np.int32),
+                         (np.ones(2, np.int32), np.bool_)]:
+        with pytest.raises(EngineError, match="the engine takes"):
+            coerce_input("t", value, dtype, "decoder")
+
+
+# --- missing packages -------------------------------------------------------------------------------
+
+
+def test_missing_tensorrt_gives_install_hint(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail
+    assert trt_stage.trt_version() is None
+    with pytest.raises(EngineError) as e:
+        TrtStage(tmp_path / "decoder.engine")
+    msg = str(e.value)
+    assert "JetPack" in msg and "pip install tensorrt" in msg and "\n" not in msg
+
+
+def test_missing_cuda_python_gives_install_hint(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt())
+    for mod in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    assert trt_stage.trt_version() == "10.3.0-fake"
+    with pytest.raises(EngineError, match="pip install cuda-python"):
+        TrtStage(tmp_path / "decoder.engine")
+
+
+# --- a fake TensorRT + CUDA ----------------------------------------------------------------------------
+# The fake engine: inputs x [1, S, 4] f32, past [1, P, 4] f32 (device), k int64 scalar (a host shape
+# tensor); outputs y = concat(past, x) [1, P+S, 4], r = arange(k) [k] (shape from k's value), and
+# kept = nonzero(x[0, :, 0] > 0) [1, -1] (data-dependent: needs the output allocator).
+# Profile 0 (prefill): S 1..8, P 0..0, k 0..8; profile 1 (decode): S 1, P 1..16, k 0..0.
+
+OK = 0
+
+
+class CudaError(enum.IntEnum):
+    cudaSuccess = 0
+    cudaErrorMemoryAllocation = 2
+
+
+class FakeCudart:
+    """Device memory = ctypes buffers; every copy checks it stays inside a live allocation."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    cudaError_t = CudaError
+
+    def __init__(self):
+        self.live: dict[int, ctypes.Array] = {}
+        self.mallocs = 0
+        self.fail_malloc = False
+        self.stream_destroyed = False
+
+    def owns(self, ptr: int, nbytes: int) -> bool:
+        return any(p <= ptr and ptr + nbytes <= p + len(b) for p, b in self.live.items())
+
+    def cudaSetDevice(self, device):
+        return (CudaError.cudaSuccess,)
+
+    def cudaStreamCreate(self):
+        return CudaError.cudaSuccess, 4242
+
+    def cudaStreamSynchronize(self, stream):
+        assert stream == 4242
+        return (CudaError.cudaSuccess,)
+
+    def cudaStreamDestroy(self, stream):
+        self.stream_destroyed = True
+        return (CudaError.cudaSuccess,)
+
+    def cudaMalloc(self, nbytes):
+        if self.fail_malloc:
+            return CudaError.cudaErrorMemoryAllocation, 0
+        buf = ctypes.create_string_buffer(nbytes)
+        self.live[ctypes.addressof(buf)] = buf
+        self.mallocs += 1
+        return CudaError.cudaSuccess, ctypes.addressof(buf)
+
+    def cudaFree(self, ptr):
+        del self.live[ptr]
+        return (CudaError.cudaSuccess,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        assert isinstance(dst, int) and isinstance(src, int) and stream == 4242
+        assert self.owns(dst if kind == 1 else src, nbytes), "copy outside a device allocation"
+        ctypes.memmove(dst, src, nbytes)
+        return (CudaError.cudaSuccess,)
+
+
+def read(ptr, shape, dtype):
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype).reshape(shape).copy()
+
+
+IO = {  # name: (mode, dtype, engine-level shape, location)
+    "x": ("in", "float32", (1, -1, 4), "device"),
+    "past": ("in", "float32", (1, -1, 4), "device"),
+    "k": ("in", "int64", (), "host"),
+    "y": ("out", "float32", (1, -1, 4), "device"),
+    "r": ("out", "int64", (-1,), "device"),
+    "kept": ("out", "int64", (1, -1), "device"),
+}
+PROFILES = [
+    {"x": ((1, 1, 4), (1, 4, 4), (1, 8, 4)), "past": ((1, 0, 4), (1, 0, 4), (1, 0, 4)), "k": ([0], [4], [8])},
+    {"x": ((1, 1, 4), (1, 1, 4), (1, 1, 4)), "past": ((1, 1, 4), (1, 8, 4), (1, 16, 4)), "k": ([0], [0], [0])},
+]
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine, self.profile = engine, None
+        self.shapes, self.addresses, self.allocators = {}, {}, {}
+
+    def set_optimization_profile_async(self, idx, stream):
+        assert isinstance(idx, int) and isinstance(stream, int)
+        if any(c is not self and c.profile == idx for c in self.engine.contexts):
+            raise RuntimeError("Error in set optimization profile async.")  # one context per profile
+        self.profile = idx
+        self.engine.profile_sets.append(idx)
+        return True
+
+    def set_input_shape(self, name, shape):
+        assert self.profile is not None, "profile must be set first"
+        lo, _, hi = PROFILES[self.profile][name]
+        if name == "k" or not all(a <= s <= b for s, a, b in zip(shape, lo, hi)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name):
+        if IO[name][0] == "in":
+            return self.shapes.get(name, IO[name][2])
+        if name == "y":
+            if "x" not in self.shapes or "past" not in self.shapes:
+                return (1, -1, 4)
+            return (1, self.shapes["past"][1] + self.shapes["x"][1], 4)
+        if name == "r":  # TensorRT evaluates shape tensors from their host values
+            return (int(read(self.addresses["k"], (), np.int64)),) if "k" in self.addresses else (-1,)
+        return (1, -1)
+
+    def set_tensor_address(self, name, ptr):
+        assert isinstance(ptr, int) and ptr != 0
+        self.addresses[name] = ptr
+        return True
+
+    def set_output_allocator(self, name, allocator):
+        self.allocators[name] = allocator
+        return True
+
+    def execute_async_v3(self, stream):
+        assert isinstance(stream, int) and self.profile is not None
+        cuda = self.engine.cudart
+        if self.engine.fail_execute:
+            return False
+        x = read(self.addresses["x"], self.shapes["x"], np.float32)
+        assert cuda.owns(self.addresses["past"], 1), "empty inputs still need a device address"
+        past = read(self.addresses["past"], self.shapes["past"], np.float32)
+        assert not cuda.owns(self.addresses["k"], 8), "a shape tensor must be passed in host memory"
+        k = int(read(self.addresses["k"], (), np.int64))
+        outs = {"y": np.concatenate([past, x], axis=1), "r": np.arange(k, dtype=np.int64),
+                "kept": np.nonzero(x[0, :, 0] > 0)[0].astype(np.int64)[None]}
+        for name, value in outs.items():
+            if -1 in self.get_tensor_shape(name):
+                alloc = self.allocators[name]
+                ptr = alloc.reallocate_output_async(name, self.addresses.get(name, 0), value.nbytes, 256, stream)
+                if not ptr:
+                    return False
+                alloc.notify_shape(name, value.shape)
+            else:
+                ptr = self.addresses[name]
+            assert cuda.owns(ptr, value.nbytes)
+            ctypes.memmove(ptr, value.ctypes.data, value.nbytes)
+        return True
+
+
+class FakeEngine:
+    num_optimization_profiles = len(PROFILES)
+
+    def __init__(self, cudart, io=IO):
+        self.cudart, self.io = cudart, io
+        self.names = list(io)
+        self.num_io_tensors = len(self.names)
+        self.contexts: list[FakeContext] = []
+        self.profile_sets: list[int] = []
+        self.fail_execute = False
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return FakeTrt.TensorIOMode.INPUT if self.io[name][0] == "in" else FakeTrt.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return self.io[name][1]
+
+    def get_tensor_location(self, name):
+        return FakeTrt.TensorLocation.HOST if self.io[name][3] == "host" else FakeTrt.TensorLocation.DEVICE
+
+    def is_shape_inference_io(self, name):
+        return self.io[name][3] == "host"
+
+    def get_tensor_shape(self, name):
+        return self.io[name][2]
+
+    def get_tensor_profile_shape(self, name, profile_index):
+        assert isinstance(name, str) and isinstance(profile_index, int)
+        return [list(s) for s in PROFILES[profile_index][name]]
+
+    def get_tensor_profile_values(self, profile_index, name):  # positional order of the real binding
+        assert isinstance(profile_index, int) and isinstance(name, str) and self.is_shape_inference_io(name)
+        return [list(v) for v in PROFILES[profile_index][name]]
+
+    def create_execution_context(self):
+        ctx = FakeContext(self)
+        self.contexts.append(ctx)
+        return ctx
+
+
+class FakeTrt:
+    class TensorIOMode(enum.Enum):
+        INPUT = 1
+        OUTPUT = 2
+
+    class TensorLocation(enum.Enum):
+        DEVICE = 0
+        HOST = 1
+
+
+def make_fake_trt(engine=None):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0-fake"
+    trt.TensorIOMode, trt.TensorLocation = FakeTrt.TensorIOMode, FakeTrt.TensorLocation
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity):
+            pass
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return None if data == b"corrupt" else engine
+
+    class IOutputAllocator:
+        def __init__(self):
+            pass
+
+    def nptype(dt):
+        if dt == "bfloat16":
+            raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+        return np.dtype(dt).type
+
+    trt.Logger, trt.Runtime, trt.IOutputAllocator, trt.nptype = Logger, Runtime, IOutputAllocator, nptype
+    return trt
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    """(stage factory, fake cudart, fake engine) with `tensorrt` and cuda-python faked."""
+    cudart = FakeCudart()
+    engine = FakeEngine(cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(engine))
+    monkeypatch.setattr(trt_stage, "_import_cudart", lambda: cudart)
+    path = tmp_path / "toy.engine"
+    path.write_bytes(b"plan")
+    return (lambda: TrtStage(path, name="toy")), cudart, engine
+
+
+def feeds(seq, past, k, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((1, seq, 4)).astype(np.float32),
+            "past": rng.standard_normal((1, past, 4)).astype(np.float32), "k": np.array(k, np.int64)}
+
+
+def expected(f):
+    x = f["x"]
+    return {"y": np.concatenate([f["past"], x], axis=1), "r": np.arange(int(f["k"])),
+            "kept": np.nonzero(x[0, :, 0] > 0)[0][None]}
+
+
+def check(out, f):
+    want = expected(f)
+    assert set(out) == set(want)
+    for name, value in want.items():
+        assert out[name].shape == value.shape, name
+        np.testing.assert_array_equal(out[name], value.astype(out[name].dtype), err_msg=name)
+
+
+def test_fake_engine_metadata(fake):
+    make, _, _ = fake
+    stage = make()
+    assert stage.name == "toy" and stage.input_names == ["x", "past", "k"]
+    assert stage.output_names == ["y", "r", "kept"]
+    assert stage.ranges[0]["past"] == ((1, 0, 4), (1, 0, 4)) and stage.ranges[1]["x"] == ((1, 1, 4), (1, 1, 4))
+    assert stage.ranges[0]["k"] == ((), ()) and stage.value_ranges[1]["k"] == ((0,), (0,))
+
+
+def test_prefill_then_decode_matches_numpy(fake):
+    make, cudart, engine = fake
+    stage = make()
+    f = feeds(6, 0, 5)  # prefill: empty past (zero-size input), k = 5 -> r has 5 values
+    out = stage.run(f)
+    check(out, f)
+    past = out["y"]
+    for step in range(10):  # decode: past grows by one each step, k = 0
+        f = {"x": np.full((1, 1, 4), (-1.0) ** step, np.float32), "past": past, "k": np.array(0, np.int64)}
+        out = stage.run(f)
+        check(out, f)
+        past = out["y"]
+    assert past.shape == (1, 16, 4)
+    assert len(engine.contexts) == 2 and engine.profile_sets == [0, 1]  # one context per profile, set once
+    assert [c.profile for c in engine.contexts] == [0, 1]
+    assert set(engine.contexts[0].allocators) == {"kept"}  # only the data-dependent output
+    assert cudart.mallocs < 20  # grow-only buffers: not one allocation per step per tensor
+    stage.run(feeds(3, 0, 2, seed=1))  # back to prefill: the profile-0 context is reused
+    assert len(engine.contexts) == 2 and engine.profile_sets == [0, 1]
+
+
+def test_run_checks_names_dtypes_and_profiles(fake):
+    make, _, _ = fake
+    stage = make()
+    f = feeds(2, 0, 1)
+    with pytest.raises(EngineError, match=r"missing inputs \['k'\], unexpected inputs \['z'\]"):
+        stage.run({"x": f["x"], "past": f["past"], "z": f["k"]})
+    with pytest.raises(EngineError, match="input x is float64"):
+        stage.run({**f, "x": f["x"].astype(np.float64)})
+    out = stage.run({**f, "k": np.array(1, np.int32)})  # int32 -> int64 is a safe cast
+    check(out, f)
+    with pytest.raises(EngineError, match=r"profile 0: x shape \(1, 9, 4\)"):
+        stage.run(feeds(9, 0, 1))
+    with pytest.raises(EngineError, match=r"profile 1: k values \(3,\) is outside"):
+        stage.run(feeds(1, 4, 3))  # a decode step must have k = 0
+
+
+def test_execute_failure_and_allocation_failure(fake):
+    make, cudart, engine = fake
+    stage = make()
+    engine.fail_execute = True
+    with pytest.raises(EngineError, match="TensorRT execution failed on profile 0"):
+        stage.run(feeds(2, 0, 1))
+    engine.fail_execute = False
+    cudart.fail_malloc = True
+    with pytest.raises(EngineError, match="cudaErrorMemoryAllocation while allocating"):
+        stage.run(feeds(3, 0, 1))
+
+
+def test_close_frees_everything(fake):
+    make, cudart, _ = fake
+    stage = make()
+    stage.run(feeds(4, 0, 2))
+    assert cudart.live
+    stage.close()
+    assert not cudart.live and cudart.stream_destroyed
+    stage.close()  # idempotent
+    with pytest.raises(EngineError, match="closed"):
+        stage.run(feeds(4, 0, 2))
+    with make() as s2:
+        s2.run(feeds(1, 0, 0))
+    assert not cudart.live
+
+
+def test_load_errors(fake, monkeypatch, tmp_path):
+    make, cudart, engine = fake
+    with pytest.raises(EngineError, match="does not exist"):
+        TrtStage(tmp_path / "missing.engine")
+    bad = tmp_path / "bad.engine"
+    bad.write_bytes(b"corrupt")
+    with pytest.raises(EngineError, match="cannot deserialize"):
+        TrtStage(bad)
+    engine.io = {**IO, "y": ("out", "bfloat16", (1, -1, 4), "device")}
+    with pytest.raises(EngineError, match="tensor y is bfloat16"):
+        make()
+
+
+# --- real TensorRT (needs TensorRT, cuda-python and a GPU) -------------------------------------------
+
+
+def _real_stage_env():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (Jetson / GPU machines only)")
+    pytest.importorskip("polygraphy", reason="polygraphy is not installed")
+    try:
+        trt_stage._import_cudart()
+    except EngineError as e:
+        pytest.skip(str(e))
+
+
+def _onnx_model(path, with_range: bool):
+    from onnx import TensorProto, helper, save
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    inputs = [helper.make_tensor_value_info("x", f32, [1, "S", 4]), helper.make_tensor_value_info("past", f32, [1, "P", 4])]
+    outputs = [helper.make_tensor_value_info("y", f32, [1, "T", 4]), helper.make_tensor_value_info("kept", i64, [3, "N"])]
+    nodes = [helper.make_node("Concat", ["past", "x"], ["y"], axis=1),
+             helper.make_node("Greater", ["x", "zero"], ["mask"]),
+             helper.make_node("NonZero", ["mask"], ["kept"])]  # data-dependent shape
+    inits = [helper.make_tensor("zero", f32, [], [0.0])]
+    if with_range:  # Range's limit is a shape tensor: a host input with value ranges in the profiles
+        inputs.append(helper.make_tensor_value_info("n", i64, []))
+        outputs.append(helper.make_tensor_value_info("r", i64, ["n"]))
+        nodes.append(helper.make_node("Range", ["start", "n", "delta"], ["r"]))
+        inits += [helper.make_tensor("start", i64, [], [0]), helper.make_tensor("delta", i64, [], [1])]
+    graph = helper.make_graph(nodes, "toy", inputs, outputs, inits)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def _build(onnx_path, engine_path, with_range: bool):
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        Profile,
+        engine_from_network,
+        network_from_onnx_path,
+        save_engine,
+    )
+
+    prefill = Profile().add("x", (1, 1, 4), (1, 4, 4), (1, 8, 4)).add("past", (1, 0, 4), (1, 0, 4), (1, 0, 4))
+    decode = Profile().add("x", (1, 1, 4), (1, 1, 4), (1, 1, 4)).add("past", (1, 1, 4), (1, 8, 4), (1, 16, 4))
+    if with_range:
+        prefill.add("n", [1], [4], [8])
+        decode.add("n", [1], [1], [1])
+    engine = engine_from_network(network_from_onnx_path(str(onnx_path)), config=CreateConfig(profiles=[prefill, decode]))
+    save_engine(engine, str(engine_path))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("with_range", [False, True], ids=["concat-nonzero", "shape-tensor"])
+def test_real_engine_matches_onnxruntime(tmp_path, with_range):
+    _real_stage_env()
+    import onnxruntime as ort
+
+    onnx_path, engine_path = tmp_path / "toy.onnx", tmp_path / "toy.engine"
+    _onnx_model(onnx_path, with_range)
+    _build(onnx_path, engine_path, with_range)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    with TrtStage(engine_path) as stage:
+        assert len(stage.ranges) == 2
+        if with_range:
+            assert "n" in stage._shape_inputs, "TensorRT did not make Range's limit a shape tensor"
+        past = np.zeros((1, 0, 4), np.float32)
+        for step in range(6):  # prefill (empty past), then decode steps feeding y back as past
+            x = rng.standard_normal((1, 5 if step == 0 else 1, 4)).astype(np.float32)
+            f = {"x": x, "past": past}
+            if with_range:
+                f["n"] = np.array(4 if step == 0 else 1, np.int64)
+            got, want = stage.run(f), dict(zip([o.name for o in sess.get_outputs()], sess.run(None, f)))
+            assert set(got) == set(want)
+            for name in want:
+                assert got[name].shape == want[name].shape, name
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
+            past = got["y"]
+        assert len(stage._contexts) == 2
