@@ -11,9 +11,10 @@ It reads graph structure only (onnx.load(..., load_external_data=False)), never 
 
 Sources (the rules below cite them by letter):
 [M] onnx-tensorrt operator support matrix, docs/operators.md: release/10.3,
-    https://github.com/onnx/onnx-tensorrt/blob/release/10.3/docs/operators.md (10.x header:
-    "supports operators in the inclusive range of opset 9 to opset 20"); the op list below is the
-    10.x matrix minus the ops [C] says were added after 10.3.
+    https://github.com/onnx/onnx-tensorrt/blob/release/10.3/docs/operators.md. The copies read
+    for this module were the 10.0 one (header: "TensorRT 10.0 supports operators in the inclusive
+    range of opset 9 to opset 20") and the 10.15 one (full table; "opset 9 to opset 24"): the op
+    list below is the 10.15 table's Y rows minus the ops [C] says were added after 10.3.
 [C] onnx-tensorrt docs/Changelog.md (10.4: Blackman/Hamming/HannWindow, Pad tensor axes;
     10.5: STFT; 10.7: dynamic Squeeze/Unsqueeze axes; 10.8: dynamic CumSum axis;
     10.14: Attention; 10.15: RotaryEmbedding, RMSNormalization, TensorScatter;
@@ -43,11 +44,11 @@ import onnx
 from onnx import TensorProto, inliner, numpy_helper
 
 TRT_VERSION = "10.3"
-# [M] "TensorRT 10.x supports operators in the inclusive range of opset 9 to opset 20".
+# [M] "supports operators in the inclusive range of opset 9 to opset 20". The parser itself only
+# logs below opset 7 and never refuses a newer opset; outside 9..20 nothing is guaranteed.
 MIN_OPSET, MAX_OPSET = 9, 20
 # [L] ITopKLayer: k <= 3840.
 MAX_TOPK_K = 3840
-STAGE_FILES = ("vision_encoder", "embed_tokens", "decoder")
 
 # [M] rows marked Y in the operator matrix, default ONNX domain, as of TensorRT 10.3 ([C] for
 # what came later). Marked N there (hence errors here): Unique, Compress, BitShift, Bitwise*,
@@ -293,16 +294,17 @@ def _stage_files(path: Path) -> list[str]:
         raise CheckError(f"{path} is not an engine directory (no manifest.json)")
     try:
         stages = json.loads(manifest.read_text())["stages"]
-        files = [stages[s]["file"] for s in STAGE_FILES if s in stages]
-    except (ValueError, KeyError, TypeError) as e:
+        files = [stage["file"] for stage in stages.values()]  # vision_encoder, embed_tokens, decoder
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckError(f"{manifest}: unreadable manifest ({type(e).__name__}: {e})") from e
     if not files:
-        raise CheckError(f"{manifest} lists none of the stages {', '.join(STAGE_FILES)}")
+        raise CheckError(f"{manifest} lists no stages")
     return files
 
 
 def check_engine_dir(path) -> EngineFindings:
-    """{graph file: [Finding]} for the stages listed in `path`/manifest.json (weights not read)."""
+    """{graph file: [Finding]} for every stage in `path`/manifest.json, in manifest order (the
+    weights are never read)."""
     path = Path(path)
     result = EngineFindings()
     for name in _stage_files(path):

@@ -1,13 +1,9 @@
 """TrtStage: the Stage interface (`run(feeds) -> outputs`, numpy in and out) over a serialized
-TensorRT engine, for the Jetson path (TensorRT 10.3, JetPack 6). `tensorrt` and cuda-python are
-imported lazily, so this module imports anywhere; pick_profile and coerce_input are pure.
-
-    stage = TrtStage("engines/llava/decoder.engine")
-    out = stage.run({"inputs_embeds": ..., "past_key_0": ..., ...})
-
-One execution context per optimization profile (the decoder has 0 = prefill, 1 = decode), created
-on first use and bound to its profile once; each call picks the first profile whose ranges hold
-every input. Device buffers are cached per tensor name and only grow. Not thread-safe.
+TensorRT engine (the Jetson path: TensorRT 10.3, JetPack 6). tensorrt and cuda-python are imported
+lazily; pick_profile and coerce_input are pure. One execution context per optimization profile
+(decoder: 0 = prefill, 1 = decode), created on first use and bound to its profile once; each call
+picks the first profile whose ranges hold every input. Device buffers are cached per tensor name
+and only grow. Not thread-safe.
 
 TensorRT Python API relied on (docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/
 infer/Core/Engine.html and .../ExecutionContext.html; bindings in NVIDIA/TensorRT
@@ -90,7 +86,7 @@ def _misfit(bounds: Mapping[str, tuple[Sequence[int], Sequence[int]]], got: Mapp
             continue
         x, lo, hi = tuple(got[name]), tuple(lo), tuple(hi)
         if len(x) != len(lo):
-            return f"{name} {what} {x} has rank {len(x)}, the profile wants rank {len(lo)} ({lo}..{hi})"
+            return f"{name} {what} {x} has rank {len(x)}, the profile wants {len(lo)} ({lo}..{hi})"
         if any(not a <= v <= b for v, a, b in zip(x, lo, hi)):
             return f"{name} {what} {x} is outside {lo}..{hi}"
     return None
@@ -116,18 +112,25 @@ def pick_profile(ranges: Ranges, shapes: Mapping[str, Shape], value_ranges: Rang
                       "rebuild the engine with wider profiles or shorten the input")
 
 
+def _kind(dt: np.dtype) -> str:
+    return "i" if dt.kind in "iu" else dt.kind  # b(ool), i(nteger), f(loat), ...
+
+
 def coerce_input(name: str, value, dtype: np.dtype, where: str = "engine") -> np.ndarray:
-    """`value` as a C-contiguous array of the engine's dtype. Casts that numpy calls safe
-    (int32 -> int64, float16 -> float32) are done, and integer narrowing (int64 -> int32) when every
-    value fits; anything else (float64 -> float32, float -> int, bool <-> int) raises EngineError."""
-    arr = np.asarray(value)
-    dtype = np.dtype(dtype)
+    """`value` as a C-contiguous array of the engine's dtype. Within one kind (bool, integer,
+    float) the casts numpy calls safe are done (int32 -> int64, float16 -> float32), and integer
+    narrowing (int64 -> int32) when every value fits; anything else (float64 -> float32,
+    float -> int, bool <-> int) raises EngineError."""
+    arr, dtype = np.asarray(value), np.dtype(dtype)
     if arr.dtype != dtype:
-        narrow_ok = arr.dtype.kind in "iu" and dtype.kind in "iu" and (
-            arr.size == 0 or (np.iinfo(dtype).min <= arr.min() and arr.max() <= np.iinfo(dtype).max))
-        if not (np.can_cast(arr.dtype, dtype, "safe") or narrow_ok):
+        same_kind = _kind(arr.dtype) == _kind(dtype)
+        ok = same_kind and np.can_cast(arr.dtype, dtype, "safe")
+        if not ok and same_kind and _kind(dtype) == "i":  # integer narrowing: only if every value fits
+            info = np.iinfo(dtype)
+            ok = arr.size == 0 or info.min <= arr.min() <= arr.max() <= info.max
+        if not ok:
             raise EngineError(f"{where}: input {name} is {arr.dtype}, the engine takes {dtype} and the cast "
-                              "would lose values; pass it as " + str(dtype))
+                              f"could change values; pass it as {dtype}")
     return np.asarray(arr, dtype=dtype, order="C")  # not ascontiguousarray: it makes 0-d arrays 1-d
 
 
@@ -155,7 +158,7 @@ class _DeviceBuffers:
 
     def ensure(self, name: str, nbytes: int) -> int:
         ptr, cap = self.bufs.get(name, (0, 0))
-        if nbytes <= cap:
+        if ptr and nbytes <= cap:
             return ptr
         if ptr:
             self.bufs.pop(name)
@@ -207,24 +210,22 @@ class TrtStage:
     """A serialized TensorRT engine (.engine / .plan) with the Stage interface."""
 
     def __init__(self, path: str | Path, name: str | None = None, device: int = 0):
-        self.path = Path(path)
+        self.path, self.device = Path(path), device
         self.name = name or self.path.stem
-        self._buffers = self._stream = None
+        self._buffers = self._stream = self._engine = self._runtime = None
         self._contexts: dict[int, object] = {}
         self._allocated: set[tuple[int, str]] = set()  # (profile, output) with the allocator set
-        self._engine = self._runtime = None
-        trt = self._trt = _import_trt()
+        trt = _import_trt()
         cudart = self._cudart = _import_cudart()
-        self.device = device
         if not self.path.is_file():
-            raise EngineError(f"{self.name}: engine file {self.path} does not exist; build it with python -m export.trt")
+            raise self._error(f"engine file {self.path} does not exist; build it with python -m export.trt")
         _cuda(cudart.cudaSetDevice(device), f"selecting CUDA device {device}")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:
-            raise EngineError(f"{self.path}: TensorRT {trt.__version__} cannot deserialize it (built by another "
-                              "TensorRT version or for another GPU?); rebuild it on this device with python -m export.trt")
+            raise self._error(f"TensorRT {trt.__version__} cannot deserialize {self.path} (built by another "
+                              "TensorRT or for another GPU?); rebuild it here with python -m export.trt")
         self._stream = _cuda(cudart.cudaStreamCreate(), "creating a CUDA stream")
         self._buffers = _DeviceBuffers(cudart)
         self._allocator = _make_allocator(trt, self._buffers)
@@ -232,39 +233,40 @@ class TrtStage:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self._input_set = set(self.input_names)
         self.dtypes: dict[str, np.dtype] = {}
         for n in names:
-            dt = engine.get_tensor_dtype(n)
             try:
-                self.dtypes[n] = np.dtype(trt.nptype(dt))
+                self.dtypes[n] = np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
             except (TypeError, KeyError):  # bf16 / fp8 / int4 have no numpy type
-                raise EngineError(f"{self.name}: tensor {n} is {dt}, which numpy cannot hold; rebuild the engine "
-                                  "with float32/float16 I/O") from None
+                raise self._error(f"tensor {n} is {engine.get_tensor_dtype(n)}, which numpy cannot hold; "
+                                  "rebuild the engine with float32/float16 I/O") from None
         self._host = {n for n in self.input_names if engine.get_tensor_location(n) == trt.TensorLocation.HOST}
         self._shape_inputs = [n for n in self.input_names if engine.is_shape_inference_io(n)]
-        self.ranges: list[dict] = []
-        self.value_ranges: list[dict] = []
+        self.ranges: list[dict] = []  # per profile: input -> (min shape, max shape)
+        self.value_ranges: list[dict] = []  # per profile: shape-tensor input -> (min values, max values)
         for p in range(engine.num_optimization_profiles):
             shapes, values = {}, {}
             for n in self.input_names:
-                if n in self._shape_inputs:  # fixed shape; its values are what the profile bounds
-                    fixed = tuple(engine.get_tensor_shape(n))
-                    if all(d >= 0 for d in fixed):
-                        shapes[n] = (fixed, fixed)
-                    try:  # positional (profile_index, name): see the module docstring
-                        mm = engine.get_tensor_profile_values(p, n)
-                    except Exception:  # not an input shape binding after all: no value bounds
-                        mm = None
-                    if mm:
-                        values[n] = (tuple(mm[0]), tuple(mm[2]))
-                else:
+                if n not in self._shape_inputs:
                     mm = engine.get_tensor_profile_shape(n, p)
                     shapes[n] = (tuple(mm[0]), tuple(mm[2]))
+                    continue
+                fixed = tuple(engine.get_tensor_shape(n))  # a shape tensor's profile bounds its values
+                if all(d >= 0 for d in fixed):
+                    shapes[n] = (fixed, fixed)
+                try:  # positional (profile_index, name): see the module docstring
+                    mm = engine.get_tensor_profile_values(p, n)
+                except Exception:  # not an input shape binding after all: no value bounds
+                    mm = None
+                if mm:
+                    values[n] = (tuple(mm[0]), tuple(mm[2]))
             self.ranges.append(shapes)
             self.value_ranges.append(values)
-        log.info("%s: loaded %s (TensorRT %s, %d profile(s))", self.name, self.path.name, trt.__version__,
+        log.info("%s: loaded %s (TensorRT %s, %d profiles)", self.name, self.path.name, trt.__version__,
                  len(self.ranges))
+
+    def _error(self, msg: str) -> EngineError:
+        return EngineError(f"{self.name}: {msg}")
 
     def _context(self, profile: int):
         """The execution context bound to `profile`, created on first use (TensorRT: a context's
@@ -273,77 +275,77 @@ class TrtStage:
         if ctx is None:
             ctx = self._engine.create_execution_context()
             if ctx is None:
-                raise EngineError(f"{self.name}: TensorRT could not create an execution context (out of GPU memory?)")
+                raise self._error("TensorRT could not create an execution context (out of GPU memory?)")
             try:
                 ctx.set_optimization_profile_async(profile, int(self._stream))
             except Exception as exc:
-                raise EngineError(f"{self.name}: TensorRT could not select optimization profile {profile} ({exc})") from None
+                raise self._error(f"TensorRT could not select profile {profile} ({exc})") from None
             self._contexts[profile] = ctx
         return ctx
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._engine is None:
-            raise EngineError(f"{self.name}: the stage is closed")
+            raise self._error("the stage is closed")
         missing = [n for n in self.input_names if n not in feeds]
-        extra = [n for n in feeds if n not in self._input_set]
+        extra = [n for n in feeds if n not in self.input_names]
         if missing or extra:
-            raise EngineError(f"{self.name}: missing inputs {missing}, unexpected inputs {extra}; the engine takes "
+            raise self._error(f"missing inputs {missing}, unexpected inputs {extra}; the engine takes "
                               f"{self.input_names}")
         arrays = {n: coerce_input(n, feeds[n], self.dtypes[n], self.name) for n in self.input_names}
         values = {n: [int(v) for v in arrays[n].reshape(-1)] for n in self._shape_inputs}
-        profile = pick_profile(self.ranges, {n: a.shape for n, a in arrays.items()}, self.value_ranges, values,
-                               where=self.name)
+        profile = pick_profile(self.ranges, {n: a.shape for n, a in arrays.items()}, self.value_ranges,
+                               values, where=self.name)
         cudart, stream = self._cudart, self._stream
         _cuda(cudart.cudaSetDevice(self.device), f"selecting CUDA device {self.device}")
         ctx = self._context(profile)
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        kinds = cudart.cudaMemcpyKind
         for n, a in arrays.items():
             if tuple(ctx.get_tensor_shape(n)) != a.shape and not ctx.set_input_shape(n, a.shape):
-                raise EngineError(f"{self.name}: TensorRT rejected shape {a.shape} for {n} (profile {profile})")
-            if n in self._host:  # shape tensor: TensorRT reads its values from host memory
+                raise self._error(f"TensorRT rejected shape {a.shape} for {n} (profile {profile})")
+            if n in self._host:  # shape tensor: TensorRT reads its values from host memory;
                 ptr = a.ctypes.data  # `arrays` keeps it alive until the stream is synchronized
             else:
                 ptr = self._buffers.ensure(n, a.nbytes)
                 if a.nbytes:
-                    _cuda(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, h2d, stream), f"copying {n} to the GPU")
+                    _cuda(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, kinds.cudaMemcpyHostToDevice,
+                                                 stream), f"copying {n} to the GPU")
             if not ctx.set_tensor_address(n, ptr):
-                raise EngineError(f"{self.name}: TensorRT rejected the address of {n}")
-        static: dict[str, Shape] = {}  # outputs whose shapes are known now; the rest come from notify_shape
+                raise self._error(f"TensorRT rejected the address of {n}")
+        static: dict[str, Shape] = {}  # output shapes known now (after the shape-tensor addresses)
         for n in self.output_names:
             shape = tuple(int(d) for d in ctx.get_tensor_shape(n))
             if all(d >= 0 for d in shape):
                 static[n] = shape
                 nbytes = math.prod(shape) * self.dtypes[n].itemsize
                 if not ctx.set_tensor_address(n, self._buffers.ensure(n, nbytes)):
-                    raise EngineError(f"{self.name}: TensorRT rejected the address of {n}")
+                    raise self._error(f"TensorRT rejected the address of {n}")
             elif (profile, n) not in self._allocated:  # data-dependent: TensorRT asks the allocator
                 if not ctx.set_output_allocator(n, self._allocator):
-                    raise EngineError(f"{self.name}: TensorRT refused an output allocator for {n}")
+                    raise self._error(f"TensorRT refused an output allocator for {n}")
                 self._allocated.add((profile, n))
         self._allocator.shapes.clear()
         self._allocator.error = None
         if not ctx.execute_async_v3(int(stream)):
             why = f" ({self._allocator.error})" if self._allocator.error else ""
-            raise EngineError(f"{self.name}: TensorRT execution failed on profile {profile}{why}; see the TensorRT "
-                              "log above")
+            raise self._error(f"TensorRT execution failed on profile {profile}{why}; see the TensorRT log")
         outputs = {}
         for n in self.output_names:
             shape = static[n] if n in static else self._allocator.shapes.get(n)
             if shape is None:
-                raise EngineError(f"{self.name}: TensorRT did not report the shape of output {n}")
+                raise self._error(f"TensorRT did not report the shape of output {n}")
             out = outputs[n] = np.empty(shape, self.dtypes[n])
             if out.nbytes:
-                _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers.ptr(n), out.nbytes, d2h, stream),
-                      f"copying {n} from the GPU")
+                _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers.ptr(n), out.nbytes,
+                                             kinds.cudaMemcpyDeviceToHost, stream), f"copying {n} back")
         _cuda(cudart.cudaStreamSynchronize(stream), f"running {self.name}")
         return outputs
 
     def close(self) -> None:
-        """Free the device buffers, the contexts, the engine and the stream (idempotent)."""
+        """Free the contexts, the engine, the device buffers and the stream (idempotent)."""
         stream, self._stream = self._stream, None
         try:
             if stream is not None:
-                _cuda(self._cudart.cudaStreamSynchronize(stream), f"finishing {self.name} before closing it")
+                _cuda(self._cudart.cudaStreamSynchronize(stream), f"finishing {self.name}'s work")
         finally:
             self._contexts, self._allocated = {}, set()
             self._engine = self._runtime = None  # contexts, then engine, then runtime

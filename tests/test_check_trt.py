@@ -128,7 +128,7 @@ def test_unsupported_op_is_an_error(op, inputs):
 def _topk(k_input, inits=(), nodes=(), extra_inputs=()):
     topk = helper.make_node("TopK", ["x", k_input], ["v", "i"], name="topk", axis=-1)
     return _model([*nodes, topk], [vi("x", F, ["n", 5000]), *extra_inputs],
-                  [vi("v", F, None), vi("i", I64, None)], inits)
+                  [vi("v", F, None)], inits)
 
 
 def test_topk_k_from_graph_input_is_an_error():
@@ -267,15 +267,15 @@ def test_format_report_lists_each_finding_on_one_line():
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "export.check_trt", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+                          check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
 def test_cli_reports_the_tiny_engine(tiny_engine):
     engine_dir, _ = tiny_engine
     r = _cli(engine_dir)
     assert r.returncode == 0, r.stderr
-    assert re.search(r"^decoder\.onnx: OK, 8 warnings \(\d+ nodes after inlining\)$", r.stdout, re.M)
-    assert re.search(r"^vision_encoder\.onnx: OK \(\d+ nodes after inlining\)$", r.stdout, re.M)
+    assert re.search(r"^decoder\.onnx: OK, 8 warnings \(\d+ nodes after inlining\)$", r.stdout, re.MULTILINE)
+    assert re.search(r"^vision_encoder\.onnx: OK \(\d+ nodes after inlining\)$", r.stdout, re.MULTILINE)
     assert "0 error(s), 9 warning(s) in 3 graph(s)" in r.stdout
     assert r.stderr == ""
 
@@ -299,13 +299,15 @@ def test_cli_exit_1_on_errors(tmp_path):
     assert "decoder.onnx: FAILED, 1 error" in r.stdout and "[unsupported-op]" in r.stdout
 
 
-@pytest.mark.parametrize("setup", ["missing", "no-manifest", "bad-manifest", "missing-graph"])
+@pytest.mark.parametrize("setup", ["missing", "no-manifest", "bad-manifest", "no-stages", "missing-graph"])
 def test_cli_exit_2_on_bad_directory(tmp_path, setup):
     d = tmp_path / "engine"
     if setup != "missing":
         d.mkdir()
     if setup == "bad-manifest":
         (d / "manifest.json").write_text("{not json")
+    if setup == "no-stages":
+        (d / "manifest.json").write_text(json.dumps({"stages": {}}))
     if setup == "missing-graph":
         (d / "manifest.json").write_text(json.dumps({"stages": {"decoder": {"file": "decoder.onnx"}}}))
     r = _cli(d)

@@ -9,6 +9,7 @@ import ctypes
 import enum
 import sys
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -70,7 +71,8 @@ def test_shape_tensor_values_take_part_in_the_choice():
     ranges = [{"x": ((1,), (8,))}, {"x": ((1,), (8,))}]
     value_ranges = [{"quota": ((0,), (584,))}, {"quota": ((0,), (0,))}]
     assert pick_profile(ranges, {"x": (3,)}, value_ranges, {"quota": [100]}) == 0
-    assert pick_profile(ranges, {"x": (3,)}, [{"quota": ((1,), (584,))}, value_ranges[1]], {"quota": [0]}) == 1
+    first_needs_quota = [{"quota": ((1,), (584,))}, value_ranges[1]]
+    assert pick_profile(ranges, {"x": (3,)}, first_needs_quota, {"quota": [0]}) == 1
     with pytest.raises(EngineError, match=r"quota values \(600,\) is outside \(0,\)\.\.\(584,\)"):
         pick_profile(ranges, {"x": (3,)}, value_ranges, {"quota": [600]})
 
@@ -198,7 +200,8 @@ IO = {  # name: (mode, dtype, engine-level shape, location)
 }
 PROFILES = [
     {"x": ((1, 1, 4), (1, 4, 4), (1, 8, 4)), "past": ((1, 0, 4), (1, 0, 4), (1, 0, 4)), "k": ([0], [4], [8])},
-    {"x": ((1, 1, 4), (1, 1, 4), (1, 1, 4)), "past": ((1, 1, 4), (1, 8, 4), (1, 16, 4)), "k": ([0], [0], [0])},
+    {"x": ((1, 1, 4), (1, 1, 4), (1, 1, 4)), "past": ((1, 1, 4), (1, 8, 4), (1, 16, 4)),
+     "k": ([0], [0], [0])},
 ]
 
 
@@ -209,7 +212,7 @@ class FakeContext:
 
     def set_optimization_profile_async(self, idx, stream):
         assert isinstance(idx, int) and isinstance(stream, int)
-        if any(c is not self and c.profile == idx for c in self.engine.contexts):
+        if any(c is not self and c.profile == idx for c in self.engine.live):
             raise RuntimeError("Error in set optimization profile async.")  # one context per profile
         self.profile = idx
         self.engine.profile_sets.append(idx)
@@ -241,6 +244,7 @@ class FakeContext:
 
     def set_output_allocator(self, name, allocator):
         self.allocators[name] = allocator
+        self.engine.allocator_sets.append((self.profile, name))
         return True
 
     def execute_async_v3(self, stream):
@@ -258,7 +262,8 @@ class FakeContext:
         for name, value in outs.items():
             if -1 in self.get_tensor_shape(name):
                 alloc = self.allocators[name]
-                ptr = alloc.reallocate_output_async(name, self.addresses.get(name, 0), value.nbytes, 256, stream)
+                current = self.addresses.get(name, 0)
+                ptr = alloc.reallocate_output_async(name, current, value.nbytes, 256, stream)
                 if not ptr:
                     return False
                 alloc.notify_shape(name, value.shape)
@@ -276,8 +281,10 @@ class FakeEngine:
         self.cudart, self.io = cudart, io
         self.names = list(io)
         self.num_io_tensors = len(self.names)
-        self.contexts: list[FakeContext] = []
+        self.live: weakref.WeakSet[FakeContext] = weakref.WeakSet()  # contexts not yet destroyed
+        self.created = 0
         self.profile_sets: list[int] = []
+        self.allocator_sets: list[tuple[int, str]] = []
         self.fail_execute = False
 
     def get_tensor_name(self, i):
@@ -308,7 +315,8 @@ class FakeEngine:
 
     def create_execution_context(self):
         ctx = FakeContext(self)
-        self.contexts.append(ctx)
+        self.live.add(ctx)
+        self.created += 1
         return ctx
 
 
@@ -390,7 +398,8 @@ def test_fake_engine_metadata(fake):
     stage = make()
     assert stage.name == "toy" and stage.input_names == ["x", "past", "k"]
     assert stage.output_names == ["y", "r", "kept"]
-    assert stage.ranges[0]["past"] == ((1, 0, 4), (1, 0, 4)) and stage.ranges[1]["x"] == ((1, 1, 4), (1, 1, 4))
+    assert stage.ranges[0]["past"] == ((1, 0, 4), (1, 0, 4))
+    assert stage.ranges[1]["x"] == ((1, 1, 4), (1, 1, 4))
     assert stage.ranges[0]["k"] == ((), ()) and stage.value_ranges[1]["k"] == ((0,), (0,))
 
 
@@ -407,12 +416,11 @@ def test_prefill_then_decode_matches_numpy(fake):
         check(out, f)
         past = out["y"]
     assert past.shape == (1, 16, 4)
-    assert len(engine.contexts) == 2 and engine.profile_sets == [0, 1]  # one context per profile, set once
-    assert [c.profile for c in engine.contexts] == [0, 1]
-    assert set(engine.contexts[0].allocators) == {"kept"}  # only the data-dependent output
+    assert engine.created == 2 and engine.profile_sets == [0, 1]  # one context per profile, set once
+    assert engine.allocator_sets == [(0, "kept"), (1, "kept")]  # only the data-dependent output, once
     assert cudart.mallocs < 20  # grow-only buffers: not one allocation per step per tensor
     stage.run(feeds(3, 0, 2, seed=1))  # back to prefill: the profile-0 context is reused
-    assert len(engine.contexts) == 2 and engine.profile_sets == [0, 1]
+    assert engine.created == 2 and engine.profile_sets == [0, 1]
 
 
 def test_run_checks_names_dtypes_and_profiles(fake):
@@ -440,6 +448,21 @@ def test_execute_failure_and_allocation_failure(fake):
     engine.fail_execute = False
     cudart.fail_malloc = True
     with pytest.raises(EngineError, match="cudaErrorMemoryAllocation while allocating"):
+        stage.run(feeds(3, 0, 1))
+
+
+def test_output_allocator_failure_is_reported(fake, monkeypatch):
+    make, _, _ = fake
+    stage = make()
+    ensure = stage._buffers.ensure
+
+    def failing(name, nbytes):  # the allocator's request for the data-dependent output fails
+        if name == "kept":
+            raise EngineError("CUDA error cudaErrorMemoryAllocation while allocating 64 bytes for kept")
+        return ensure(name, nbytes)
+
+    monkeypatch.setattr(stage._buffers, "ensure", failing)
+    with pytest.raises(EngineError, match=r"execution failed on profile 0 \(CUDA error cudaErrorMemoryAlloc"):
         stage.run(feeds(3, 0, 1))
 
 
@@ -487,15 +510,16 @@ def _onnx_model(path, with_range: bool):
     from onnx import TensorProto, helper, save
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    inputs = [helper.make_tensor_value_info("x", f32, [1, "S", 4]), helper.make_tensor_value_info("past", f32, [1, "P", 4])]
-    outputs = [helper.make_tensor_value_info("y", f32, [1, "T", 4]), helper.make_tensor_value_info("kept", i64, [3, "N"])]
+    info = helper.make_tensor_value_info
+    inputs = [info("x", f32, [1, "S", 4]), info("past", f32, [1, "P", 4])]
+    outputs = [info("y", f32, [1, "T", 4]), info("kept", i64, [3, "N"])]
     nodes = [helper.make_node("Concat", ["past", "x"], ["y"], axis=1),
              helper.make_node("Greater", ["x", "zero"], ["mask"]),
              helper.make_node("NonZero", ["mask"], ["kept"])]  # data-dependent shape
     inits = [helper.make_tensor("zero", f32, [], [0.0])]
     if with_range:  # Range's limit is a shape tensor: a host input with value ranges in the profiles
-        inputs.append(helper.make_tensor_value_info("n", i64, []))
-        outputs.append(helper.make_tensor_value_info("r", i64, ["n"]))
+        inputs.append(info("n", i64, []))
+        outputs.append(info("r", i64, ["n"]))
         nodes.append(helper.make_node("Range", ["start", "n", "delta"], ["r"]))
         inits += [helper.make_tensor("start", i64, [], [0]), helper.make_tensor("delta", i64, [], [1])]
     graph = helper.make_graph(nodes, "toy", inputs, outputs, inits)
@@ -516,7 +540,8 @@ def _build(onnx_path, engine_path, with_range: bool):
     if with_range:
         prefill.add("n", [1], [4], [8])
         decode.add("n", [1], [1], [1])
-    engine = engine_from_network(network_from_onnx_path(str(onnx_path)), config=CreateConfig(profiles=[prefill, decode]))
+    network = network_from_onnx_path(str(onnx_path))
+    engine = engine_from_network(network, config=CreateConfig(profiles=[prefill, decode]))
     save_engine(engine, str(engine_path))
 
 
