@@ -4,6 +4,8 @@ Runtimes (rows), each run on the same prompt ids and pixel values, generating ex
     eager-hf     Hugging Face `generate` without pruning (keep ratio 1.0 only)
     eager-dart   eager PyTorch with DART (dart_ops.eager.EagerDart), every keep ratio
     ort          the exported engine through the torch-free runtime on ONNX Runtime, every ratio
+    trt          the same runtime on the TensorRT engines of `python -m export.trt` (opt-in:
+                 --runtimes ...,trt; needs TensorRT and a GPU)
 
 Figures per row (median over `repeats` runs after `warmup` runs, with min and max):
     vision_ms    vision tower + projector
@@ -35,7 +37,8 @@ from export.bench_runners import EagerRunner, OrtRunner, Run
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIMES = ("eager-hf", "eager-dart", "ort")
+RUNTIMES = ("eager-hf", "eager-dart", "ort", "trt")
+DEFAULT_RUNTIMES = ("eager-hf", "eager-dart", "ort")  # + "trt" on a machine with TensorRT engines
 # A LLaVA-bench-like question: with the template, about 60 text tokens around the 576 vision tokens.
 DEFAULT_PROMPT = ("Describe the image in detail, including the objects, their colours, and where "
                   "they are placed relative to each other.")
@@ -48,7 +51,7 @@ class BenchConfig:
     model: str = "llava-bench"
     engine_dir: Path | None = None  # default engines/<model>; exported there when missing
     ratios: tuple[float, ...] = (1.0, 0.333, 0.222, 0.111)
-    runtimes: tuple[str, ...] = RUNTIMES
+    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
     new_tokens: int = 32
     repeats: int = 5
     warmup: int = 1
@@ -257,7 +260,13 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
     if bad:
         raise BenchError(f"unknown runtime(s) {bad}; choose from {', '.join(RUNTIMES)}")
     eager_rows = [rt for rt in cfg.runtimes if rt.startswith("eager")]
-    engine_dir = ensure_engine(cfg) if "ort" in cfg.runtimes else cfg.engine_dir
+    engine_dir = ensure_engine(cfg) if {"ort", "trt"} & set(cfg.runtimes) else cfg.engine_dir
+    if "trt" in cfg.runtimes:  # fail before any row runs, not after the others
+        from runtime.manifest import read_manifest
+        from runtime.pipeline import _trt_stages
+
+        for stage in _trt_stages(read_manifest(engine_dir, verify=False)).values():
+            stage.close()
     eager_model = loaded = None
     if eager_rows:
         import torch
@@ -278,7 +287,8 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
 
     rows: list[Row] = []
     rss_per_row = True
-    eager = ort_runner = None
+    eager = None
+    engine_runners: dict[str, OrtRunner] = {}
     order = plan(cfg)
     for i, (rt, ratio) in enumerate(order):
         d = src.dart
@@ -290,12 +300,14 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
             runner, inputs = eager
             call = lambda rt=rt, ratio=ratio: runner.run(rt, *inputs, ratio, cfg.new_tokens)  # noqa: E731
         else:
-            if ort_runner is None:
+            if rt not in engine_runners:
                 if eager is not None and not any(r.startswith("eager") for r, _ in order[i:]):
                     eager = eager_model = None  # the torch model is not needed any more
                     gc.collect()
-                ort_runner = OrtRunner(engine_dir, cfg.ort_provider, cfg.threads, cfg.ort_spin)
-            call = lambda ratio=ratio: ort_runner.run(ids, pixels, ratio, cfg.new_tokens)  # noqa: E731
+                provider = "tensorrt" if rt == "trt" else cfg.ort_provider
+                engine_runners[rt] = OrtRunner(engine_dir, provider, cfg.threads, cfg.ort_spin)
+            ort_runner = engine_runners[rt]
+            call = lambda runner=ort_runner, ratio=ratio: runner.run(ids, pixels, ratio, cfg.new_tokens)  # noqa: E731
         runs = []
         gpu = gpu_peak(cfg.device) if rt.startswith("eager") else None
         with PeakRSS() as mem:
@@ -311,7 +323,8 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
         med, spread = _summarise(runs)
         last = runs[-1]
         row = Row(
-            runtime=rt, keep_ratio=ratio, device=cfg.device if rt.startswith("eager") else cfg.ort_provider,
+            runtime=rt, keep_ratio=ratio,
+            device=cfg.device if rt.startswith("eager") else "tensorrt" if rt == "trt" else cfg.ort_provider,
             prompt_tokens=S, vision_tokens=L, kept_tokens=last.kept_tokens,
             kept_vision_tokens=counts.kept_vision if rt != "eager-hf" else L, new_tokens=last.new_tokens,
             runs=len(runs), **med, kv_bytes=last.kv_bytes, peak_rss_bytes=mem.peak,
@@ -321,7 +334,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
         kept = counts.kept_len(S) if rt != "eager-hf" else S
         pivots = counts.pivots_image + counts.pivots_text
         row.prefill_gflop_s = flops.prefill_flops(shape, S, kept, d.layer, L, pivots)["total"] / row.prefill_ms / 1e6
-        if rt == "ort" and cfg.profile and counts.prune and cfg.ort_provider != "tensorrt":
+        if rt == "ort" and cfg.profile and counts.prune:
             # The profiler gives DartPrune's fraction of the decoder's node time (profiling slows
             # small nodes most, so this overstates it); scaled by the unprofiled decoder time.
             _, feeds = ort_runner.run(ids, pixels, ratio, 1, record=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from export.benchmark import DEFAULT_IMAGE, DEFAULT_PROMPT, RUNTIMES, BenchConfig
+from export.benchmark import DEFAULT_IMAGE, DEFAULT_PROMPT, DEFAULT_RUNTIMES, RUNTIMES, BenchConfig
 
 log = logging.getLogger("bench")
 
@@ -62,8 +62,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     r = p.add_argument_group("what to run")
     r.add_argument("--ratios", type=_ratios, default=(1.0, 0.333, 0.222, 0.111),
                    help="keep ratios, comma-separated; 1.0 is always added (default: 1.0,0.333,0.222,0.111)")
-    r.add_argument("--runtimes", type=_runtimes, default=RUNTIMES,
-                   help=f"rows to run, comma-separated (default: {','.join(RUNTIMES)})")
+    r.add_argument("--runtimes", type=_runtimes, default=DEFAULT_RUNTIMES,
+                   help=f"rows to run, comma-separated, from {','.join(RUNTIMES)}; trt runs the engines of "
+                        f"python -m export.trt (needs TensorRT) (default: {','.join(DEFAULT_RUNTIMES)})")
     r.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run, eos ignored (default: 32)")
     r.add_argument("--repeats", type=int, default=5, help="timed runs per row (default: 5)")
     r.add_argument("--warmup", type=int, default=1, help="untimed runs per row first (default: 1)")
@@ -71,9 +72,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
                    help="torch and ONNX Runtime intra-op threads (default: all %(default)s logical CPUs)")
     r.add_argument("--device", default="cpu", help="eager rows: cpu or cuda[:N] (default: cpu)")
     r.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="eager rows (default: fp32)")
-    r.add_argument("--ort-provider", default="cpu", choices=["cpu", "cuda", "ort-tensorrt", "tensorrt"],
-                   help="provider of the ort rows: ONNX Runtime cpu/cuda/ort-tensorrt, or tensorrt for the "
-                        "engines of python -m export.trt (default: cpu)")
+    r.add_argument("--ort-provider", default="cpu", choices=["cpu", "cuda", "ort-tensorrt"],
+                   help="ONNX Runtime execution provider of the ort rows (cuda, ort-tensorrt need onnxruntime-gpu; "
+                        "default: cpu)")
     r.add_argument("--ort-spin", action="store_true",
                    help="let ONNX Runtime's idle threads spin (its own default; off in runtime.load, "
                         "see docs/BENCHMARKS.md)")

@@ -284,3 +284,13 @@ def test_peak_rss_sees_a_freed_allocation():
         pytest.skip("/proc/self/clear_refs is not writable here: the peak is the process's, not the block's")
     assert m.peak - m.start >= 150 * MiB, (m.start / MiB, m.peak / MiB)
     assert PeakRSS.current() < m.peak  # freed: the peak is a high-water mark, not the current RSS
+
+
+def test_trt_rows_fail_fast_without_engines(tiny_engine, tmp_path):
+    """--runtimes ...,trt on a directory without TensorRT engines: one line, exit 1, before any row."""
+    out = tmp_path / "b.json"
+    r = _bench("--engine-dir", str(tiny_engine[0]), "--runtimes", "ort,trt", "--repeats", "1",
+               "--new-tokens", "2", "--json", str(out), timeout=300)
+    assert r.returncode == 1
+    assert "no TensorRT engines; build them on this device with: python -m export.trt" in r.stderr
+    assert "runtime " not in r.stdout and not out.exists()
