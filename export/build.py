@@ -271,12 +271,10 @@ def main(argv=None) -> int:
         print("error: interrupted; nothing was written", file=sys.stderr)
         return 1
     except Exception as e:  # one line for the user, the traceback with -v
-        if cfg.verbose:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        kind = "build" if isinstance(e, BuildError) else "trt" if type(e).__name__ == "TrtBuildError" else type(e).__name__
-        print(f"error: {kind}: {msg}", file=sys.stderr)
-        return 1
+        from export.cli import report
+
+        kinds = {"BuildError": "build", "TrtBuildError": "trt"}
+        return report(e, cfg.verbose, kinds.get(type(e).__name__))
     return 0
 
 

@@ -285,15 +285,10 @@ def main(argv=None) -> int:
         result = build_engines(cfg)
         if cfg.dry_run:
             print(format_profiles(result["profiles"]))
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 1
-    except Exception as e:  # one line for the user, the traceback with -v
-        if cfg.verbose:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {'trt' if isinstance(e, TrtBuildError) else type(e).__name__}: {msg}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as e:
+        from export.cli import report
+
+        return report(e, cfg.verbose, "trt" if isinstance(e, TrtBuildError) else None)
     return 0
 
 

@@ -155,15 +155,10 @@ def main(argv=None) -> int:
         if args.plot:
             _write_atomic(args.plot, lambda p: bench_report.write_plot(rows, meta, p))
             log.info("bench: wrote %s", args.plot)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 1
-    except Exception as e:  # one line for the user, the traceback with -v
-        if args.verbose:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as e:
+        from export.cli import report
+
+        return report(e, args.verbose)
     return 0
 
 
