@@ -213,3 +213,49 @@ def test_building_needs_no_torch(tiny_engine):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "decoder profile 1 (decode):" in r.stdout
+
+
+@pytest.mark.tensorrt
+@needs_trt
+def test_stages_match_onnxruntime_through_polygraphy_comparator(tiny_engine, tmp_path):
+    """Each built engine against ONNX Runtime on the same ONNX graph with polygraphy's Comparator:
+    the vision encoder and the embedding on one profile, the decoder's prefill (profile 0, DART
+    pruning at ratio 0.111) and a decode step (profile 1). kept_positions must match exactly."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engine[0], d)
+    trt.build_engines(trt.TrtConfig(d))
+    m = json.loads((d / "manifest.json").read_text())
+    dec = m["decoder"]
+    rng = np.random.default_rng(0)
+    S, L, a = 600, 576, 5
+    kv = lambda n: np.zeros((1, dec["num_kv_heads"], n, dec["head_dim"]), np.float32)  # noqa: E731
+    past_names = [t["name"] for t in m["stages"]["decoder"]["inputs"] if t["name"].startswith("past_")]
+    prefill = {"inputs_embeds": rng.standard_normal((1, S, dec["hidden_size"]), dtype=np.float32),
+               "position_ids": np.arange(S, dtype=np.int64)[None], "span_start": np.array(a),
+               "span_len": np.array(L), "quota": np.array(8), **{n: kv(0) for n in past_names}}
+    # a decode step after that prefill: low layers hold S entries, high layers S' = S - L + 68
+    K, kept = m["dart"]["layer"], S - L + 68
+    step = {"inputs_embeds": rng.standard_normal((1, 1, dec["hidden_size"]), dtype=np.float32),
+            "position_ids": np.array([[S]]), "span_start": np.array(0), "span_len": np.array(0),
+            "quota": np.array(0), **{n: kv(S if int(n.rsplit("_", 1)[1]) < K else kept) for n in past_names}}
+    size = m["preprocess"]["image_size"]
+    cases = [
+        ("vision_encoder", 0, [{"pixel_values": rng.standard_normal((1, 3, size, size), dtype=np.float32)}]),
+        ("embed_tokens", 0, [{"input_ids": rng.integers(0, 1000, (1, 17))}]),
+        ("decoder", 0, [prefill]),
+        ("decoder", 1, [step]),
+    ]
+    for stage, profile, feeds in cases:
+        runners = [OnnxrtRunner(SessionFromOnnx(str(d / f"{stage}.onnx"))),
+                   TrtRunner(EngineFromBytes(BytesFromPath(str(d / f"{stage}.engine"))),
+                             optimization_profile=profile)]
+        results = Comparator.run(runners, data_loader=feeds)
+        assert bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=1e-3, rtol=1e-3))), stage
+        if stage == "decoder" and profile == 0:
+            (_, ort_out), (_, trt_out) = results.items()
+            assert np.array_equal(ort_out[0]["kept_positions"], trt_out[0]["kept_positions"])
