@@ -294,3 +294,16 @@ def test_trt_rows_fail_fast_without_engines(tiny_engine, tmp_path):
     assert r.returncode == 1
     assert "no TensorRT engines; build them on this device with: python -m export.trt" in r.stderr
     assert "runtime " not in r.stdout and not out.exists()
+
+
+def test_cuda_without_gpu_is_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    out = tmp_path / "b.json"
+    r = _bench("--model", "llava-7b-shape", "--device", "cuda", "--dtype", "fp16", "--runtimes",
+               "eager-hf,eager-dart", "--json", str(out), timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: BenchError: --device cuda: this torch build sees no CUDA GPU"]
+    assert not out.exists()
