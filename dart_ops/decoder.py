@@ -85,6 +85,16 @@ class DartDecoder(nn.Module):
     def num_layers(self) -> int:
         return len(self.layers)
 
+    def _mask(self, q_len: int, past_len: int, dtype, device):
+        """The additive causal mask, or None where SDPA's own causal path is exact and faster: an
+        eager (not exported) run with SDPA attention and either no past (prefill: queries and keys
+        are the same tokens, in order, also after pruning) or one query (a decode step)."""
+        impl = getattr(self.layers[0].self_attn.config, "_attn_implementation", "eager")
+        if (impl == "sdpa" and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
+                and isinstance(q_len, int) and isinstance(past_len, int) and (past_len == 0 or q_len == 1)):
+            return None
+        return causal_mask(q_len, past_len, dtype, device)
+
     def _run_layers(self, h, cos_sin, mask, layers, cache):
         for layer in layers:
             h = layer(h, attention_mask=mask, past_key_values=cache, position_embeddings=cos_sin)
@@ -106,7 +116,7 @@ class DartDecoder(nn.Module):
         cos, sin = self.rotary_emb(h, position_ids)  # (B, S, dh) each
 
         low = _KVStandIn(past_low, 0)
-        mask = causal_mask(S, past_low[0][0].shape[2], h.dtype, h.device)
+        mask = self._mask(S, past_low[0][0].shape[2], h.dtype, h.device)
         h = self._run_layers(h, (cos, sin), mask, self.layers[:K], low)
 
         # DART at the input of layer K: pivots and duplication from layer K-1's states.
@@ -124,7 +134,7 @@ class DartDecoder(nn.Module):
         kept_positions = torch.gather(position_ids, 1, keep)  # (B, S')
 
         high = _KVStandIn(past_high, K)
-        mask = causal_mask(h.shape[1], past_high[0][0].shape[2], h.dtype, h.device)
+        mask = self._mask(h.shape[1], past_high[0][0].shape[2], h.dtype, h.device)
         h = self._run_layers(h, (cos, sin), mask, self.layers[K:], high)
 
         logits = self.lm_head(self.norm(h[:, -1]))  # (B, V)

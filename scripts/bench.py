@@ -66,7 +66,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
                    help=f"rows to run, comma-separated, from {','.join(RUNTIMES)}; trt runs the engines of "
                         f"python -m export.trt (needs TensorRT) (default: {','.join(DEFAULT_RUNTIMES)})")
     r.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run, eos ignored (default: 32)")
-    r.add_argument("--repeats", type=int, default=5, help="timed runs per row (default: 5)")
+    r.add_argument("--repeats", type=int, default=10, help="timed runs per row (default: 10)")
     r.add_argument("--warmup", type=int, default=1, help="untimed runs per row first (default: 1)")
     r.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch and ONNX Runtime intra-op threads (default: all %(default)s logical CPUs)")
