@@ -62,6 +62,7 @@ class TrtConfig:
     max_batch: int | None = None  # tighter than the export's axes, never wider
     max_seq: int | None = None
     max_context: int | None = None
+    max_vision_tokens: int | None = None  # longest vision span DartPrune must take (<= dart.max_span)
     timing_cache: Path | None = None
     dry_run: bool = False
     verbose: bool = False
@@ -119,6 +120,11 @@ def profile_specs(manifest: dict, stage: str, cfg: TrtConfig | None = None) -> l
         return [spec("default", {}, {})]
     seq_lo, seq_opt, seq_hi = axes["seq"]
     max_span = manifest["dart"]["max_span"]
+    if cfg.max_vision_tokens is not None:
+        if cfg.max_vision_tokens > max_span:
+            raise TrtBuildError(f"--max-vision-tokens {cfg.max_vision_tokens} exceeds the exported DartPrune's "
+                                f"max_span {max_span}; re-export")
+        max_span = cfg.max_vision_tokens
     n_vision = manifest["tokens"]["image_seq_len"]
     from dart_ops.spec import DartConfig
 
@@ -252,18 +258,20 @@ def parse_args(argv=None) -> TrtConfig:
     b.add_argument("--max-batch", type=int, default=None, help="largest batch (default: the export's)")
     b.add_argument("--max-seq", type=int, default=None, help="longest prompt (default: the export's)")
     b.add_argument("--max-context", type=int, default=None, help="prompt + generated tokens (default: the export's)")
+    b.add_argument("--max-vision-tokens", type=int, default=None,
+                   help="longest vision span to prune (default: the manifest's dart.max_span)")
     b.add_argument("--timing-cache", type=Path, default=None, help="load and save the builder timing cache here")
     p.add_argument("--dry-run", action="store_true", help="print the optimization profiles and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     a = p.parse_args(argv)
-    for flag in ("workspace_mib", "max_batch", "max_seq", "max_context"):
+    for flag in ("workspace_mib", "max_batch", "max_seq", "max_context", "max_vision_tokens"):
         v = getattr(a, flag)
         if v is not None and v < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
     if not (a.engine_dir / "manifest.json").is_file():
         p.error(f"--engine-dir {a.engine_dir} has no manifest.json (export it first: python -m export.build)")
     return TrtConfig(a.engine_dir, a.strongly_typed, a.fp16, a.workspace_mib, a.max_batch, a.max_seq,
-                     a.max_context, a.timing_cache, a.dry_run, a.verbose)
+                     a.max_context, a.max_vision_tokens, a.timing_cache, a.dry_run, a.verbose)
 
 
 def format_profiles(specs: dict[str, list[dict]]) -> str:

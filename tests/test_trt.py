@@ -77,6 +77,10 @@ def test_tighter_limits_and_wider_limits(tiny_engine):
     assert _ranges(decode)["past_key_0"][2] == (1, 2, 1024, 16)
     with pytest.raises(trt.TrtBuildError, match="--max-seq 99999 exceeds"):
         trt.profile_specs(m, "decoder", trt.TrtConfig(Path("."), max_seq=99999))
+    prefill, _ = trt.profile_specs(m, "decoder", trt.TrtConfig(Path("."), max_vision_tokens=576))
+    assert _ranges(prefill)["span_len"] == ((0,), (576,), (576,)) and _ranges(prefill)["quota"][2] == (576,)
+    with pytest.raises(trt.TrtBuildError, match="--max-vision-tokens 9999 exceeds"):
+        trt.profile_specs(m, "decoder", trt.TrtConfig(Path("."), max_vision_tokens=9999))
 
 
 def test_polygraphy_profiles(tiny_engine):
