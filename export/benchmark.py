@@ -167,14 +167,14 @@ class Source:
 
 
 def prompt_ids(src: Source, prompt: str) -> list[int]:
-    """The templated prompt's ids with the image token expanded (what runtime.PromptBuilder does)."""
+    """The templated prompt's ids with the image token expanded, by the runtime's own PromptBuilder."""
     from tokenizers import Tokenizer
 
-    from runtime.prompt import expand_image_tokens
+    from runtime.manifest import parse_prompt, parse_tokens
+    from runtime.prompt import PromptBuilder
 
-    text = src.prompt["template"].format(prompt=prompt)
-    ids = Tokenizer.from_str(src.tokenizer_json).encode(text, add_special_tokens=src.prompt["add_special_tokens"]).ids
-    return expand_image_tokens(ids, src.tokens["image_token_id"], src.tokens["image_seq_len"])
+    builder = PromptBuilder(Tokenizer.from_str(src.tokenizer_json), parse_prompt(src.prompt), parse_tokens(src.tokens))
+    return builder.encode(prompt, with_image=True)
 
 
 def ensure_engine(cfg: BenchConfig) -> Path:
@@ -245,8 +245,9 @@ def _config_dict(model: str, engine_dir: Path, eager_model) -> dict:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model if model != "llava" else "llava-hf/llava-1.5-7b-hf",
-                                          local_files_only=True).to_dict()
+        from export.families.llava import HUB_ID
+
+        return AutoConfig.from_pretrained(HUB_ID if model == "llava" else model, local_files_only=True).to_dict()
     except OSError as e:
         raise BenchError(f"cannot find {model}'s config.json for the FLOP model ({str(e).splitlines()[0]})") from None
 
@@ -263,10 +264,9 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
     engine_dir = ensure_engine(cfg) if {"ort", "trt"} & set(cfg.runtimes) else cfg.engine_dir
     if "trt" in cfg.runtimes:  # fail before any row runs, not after the others
         from runtime.manifest import read_manifest
-        from runtime.pipeline import _trt_stages
+        from runtime.pipeline import check_trt_engines
 
-        for stage in _trt_stages(read_manifest(engine_dir, verify=False)).values():
-            stage.close()
+        check_trt_engines(read_manifest(engine_dir, verify=False))
     eager_model = loaded = None
     if eager_rows:
         import torch

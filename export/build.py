@@ -148,11 +148,10 @@ def build(cfg: BuildConfig) -> dict:
             for stage, fn, args in (
                 ("vision_encoder", stages.export_vision_encoder, (modules["vision_encoder"], image_size, axes, dtype)),
                 ("embed_tokens", stages.export_embed_tokens, (modules["embed_tokens"], axes)),
-                ("decoder", stages.export_decoder, (modules["decoder"], dims, axes, dtype)),
+                ("decoder", stages.export_decoder, (modules["decoder"], dims, axes, dtype, sizes)),
             ):
                 steps.set_postfix_str(stage)
-                extra = (sizes,) if stage == "decoder" else ()
-                files += stages.timed(stage, fn, *args, cfg.opset, tmp, *extra)
+                files += stages.timed(stage, fn, *args, cfg.opset, tmp)
                 steps.update()
             (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
             files.append("tokenizer.json")

@@ -18,6 +18,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_entry(path: Path) -> dict:
+    """The manifest's "files" entry of one file: sha256 and size."""
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+
 def tool_versions() -> dict:
     import importlib.metadata as md
 
@@ -33,9 +38,7 @@ def tool_versions() -> dict:
 def write(out_dir: Path, body: dict, files: list[str]) -> dict:
     """Write manifest.json with the sha256 of `files` (relative to out_dir); returns the dict."""
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **body}
-    manifest["files"] = {
-        name: {"sha256": sha256(out_dir / name), "bytes": (out_dir / name).stat().st_size} for name in files
-    }
+    manifest["files"] = {name: file_entry(out_dir / name) for name in files}
     manifest["tools"] = tool_versions()
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -105,7 +105,7 @@ def dart_sizes(flat, image_seq_len: int) -> dict:
     return {"max_pivots": P, "max_span": min(MAX_SPAN, image_seq_len + P)}
 
 
-def export_decoder(flat, dims: dict, axes: dict[str, Axis], dtype, opset: int, out: Path, sizes: dict):
+def export_decoder(flat, dims: dict, axes: dict[str, Axis], dtype, sizes: dict, opset: int, out: Path):
     dec = flat.decoder
     B, S = axes["batch"].torch_dim(), axes["seq"].torch_dim()
     low, high = axes["past_full"].torch_dim(), axes["past_kept"].torch_dim()

@@ -227,12 +227,11 @@ def build_engines(cfg: TrtConfig) -> dict:
 
 def _update_manifest(path: Path, manifest: dict, section: dict) -> None:
     """Add the engines (with sha256) and the "tensorrt" section; atomic replace of manifest.json."""
-    from export.manifest import sha256
+    from export.manifest import file_entry
 
     files = dict(manifest["files"])
     for name in section["engines"].values():
-        f = path.parent / name
-        files[name] = {"sha256": sha256(f), "bytes": f.stat().st_size}
+        files[name] = file_entry(path.parent / name)
     manifest = {**manifest, "files": files, "tensorrt": section}
     tmp = path.with_name(f".manifest.json.partial-{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -213,6 +213,27 @@ def _three(d: dict, key: str, where: str) -> tuple[float, float, float]:
     return (float(v[0]), float(v[1]), float(v[2]))
 
 
+def parse_tokens(tok: dict) -> TokenSpec:
+    """The manifest's "tokens" object."""
+    return TokenSpec(
+        image_token=_get(tok, "image_token", str, "tokens."),
+        image_token_id=_get(tok, "image_token_id", int, "tokens."),
+        image_seq_len=_get(tok, "image_seq_len", int, "tokens."),
+        eos_token_ids=_eos_ids(_get(tok, "eos_token_id", (int, list, type(None)), "tokens.")),
+        bos_token_id=_get(tok, "bos_token_id", (int, type(None)), "tokens.", default=None),
+        pad_token_id=_get(tok, "pad_token_id", (int, type(None)), "tokens.", default=None),
+    )
+
+
+def parse_prompt(prm: dict) -> PromptSpec:
+    """The manifest's "prompt" object."""
+    return PromptSpec(
+        template=_get(prm, "template", str, "prompt."),
+        template_text_only=_get(prm, "template_text_only", str, "prompt."),
+        add_special_tokens=_get(prm, "add_special_tokens", bool, "prompt."),
+    )
+
+
 def parse_preprocess(pre: dict) -> PreprocessSpec:
     """The manifest's "preprocess" object (also what preprocess() accepts as a plain dict)."""
     return PreprocessSpec(
@@ -280,20 +301,9 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
             "num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")}),
         dynamic_axes=axes,
         max_context=_get(raw, "max_context", int, ""),
-        tokens=TokenSpec(
-            image_token=_get(tok, "image_token", str, "tokens."),
-            image_token_id=_get(tok, "image_token_id", int, "tokens."),
-            image_seq_len=_get(tok, "image_seq_len", int, "tokens."),
-            eos_token_ids=_eos_ids(_get(tok, "eos_token_id", (int, list, type(None)), "tokens.")),
-            bos_token_id=_get(tok, "bos_token_id", (int, type(None)), "tokens.", default=None),
-            pad_token_id=_get(tok, "pad_token_id", (int, type(None)), "tokens.", default=None),
-        ),
+        tokens=parse_tokens(tok),
         preprocess=parse_preprocess(pre),
-        prompt=PromptSpec(
-            template=_get(prm, "template", str, "prompt."),
-            template_text_only=_get(prm, "template_text_only", str, "prompt."),
-            add_special_tokens=_get(prm, "add_special_tokens", bool, "prompt."),
-        ),
+        prompt=parse_prompt(prm),
         opset=_get(raw, "opset", (int, type(None)), "", default=None),
         tools=dict(_get(raw, "tools", dict, "", default={})),
         tensorrt=_trt(raw.get("tensorrt"), files),

@@ -22,7 +22,7 @@ import numpy as np
 
 from dart_ops.spec import DartConfig
 from runtime.errors import EngineError, InputError
-from runtime.manifest import STAGE_NAMES, TOKENIZER_NAME, Manifest, read_manifest
+from runtime.manifest import STAGE_NAMES, TOKENIZER_NAME, Manifest, TrtSpec, read_manifest
 from runtime.preprocess import ImageLike, preprocess
 from runtime.prompt import PromptBuilder, find_span
 from runtime.sampling import Sampler
@@ -362,14 +362,23 @@ def load(
 
 def _trt_stages(manifest: Manifest) -> dict[str, Stage]:
     """TensorRT stages, after checking that the engines exist and match this TensorRT."""
-    from runtime.trt_stage import TrtStage, trt_version
+    from runtime.trt_stage import TrtStage
+
+    spec = check_trt_engines(manifest)
+    return {name: TrtStage(manifest.path(spec.engines[name]), name=name) for name in STAGE_NAMES}
+
+
+def check_trt_engines(manifest: Manifest) -> TrtSpec:
+    """The manifest's TensorRT section, when it exists and its engines were built by the installed
+    TensorRT; EngineError otherwise (no engine is deserialized)."""
+    from runtime.trt_stage import trt_version
 
     spec = manifest.tensorrt
     if spec is None:
         raise EngineError(f"{manifest.directory} has no TensorRT engines; build them on this device with: "
                           f"python -m export.trt --engine-dir {manifest.directory}")
     check_trt_version(spec.version, trt_version(), manifest.directory)
-    return {name: TrtStage(manifest.path(spec.engines[name]), name=name) for name in STAGE_NAMES}
+    return spec
 
 
 def check_trt_version(built: str, installed: str | None, directory) -> None:

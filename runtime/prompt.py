@@ -52,12 +52,16 @@ def expand_image_tokens(ids: Sequence[int], image_token_id: int, image_seq_len: 
 class PromptBuilder:
     """Chat template + tokenizer of one engine."""
 
-    def __init__(self, tokenizer_path: str | Path, prompt: PromptSpec, tokens: TokenSpec):
-        try:
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        except Exception as exc:  # tokenizers raises a plain Exception on bad files
-            raise EngineError(f"{Path(tokenizer_path).name}: cannot load the tokenizer ({exc}); "
-                              "re-export the engine") from exc
+    def __init__(self, tokenizer: str | Path | Tokenizer, prompt: PromptSpec, tokens: TokenSpec):
+        """`tokenizer`: the engine's tokenizer.json, or an already loaded `tokenizers.Tokenizer`."""
+        if isinstance(tokenizer, Tokenizer):
+            self.tokenizer = tokenizer
+        else:
+            try:
+                self.tokenizer = Tokenizer.from_file(str(tokenizer))
+            except Exception as exc:  # tokenizers raises a plain Exception on bad files
+                raise EngineError(f"{Path(tokenizer).name}: cannot load the tokenizer ({exc}); "
+                                  "re-export the engine") from exc
         self.spec = prompt
         self.tokens = tokens
         for name, template in (("template", prompt.template), ("template_text_only", prompt.template_text_only)):

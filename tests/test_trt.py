@@ -145,11 +145,11 @@ def _with_trt_section(src: Path, dst: Path, version: str) -> Path:
     """A copy of an engine directory with a "tensorrt" section (placeholder engine files)."""
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
-    from export.manifest import sha256
+    from export.manifest import file_entry
 
     for stage in trt.STAGES:
         (dst / f"{stage}.engine").write_bytes(b"placeholder plan for " + stage.encode())
-        m["files"][f"{stage}.engine"] = {"sha256": sha256(dst / f"{stage}.engine"), "bytes": 21 + len(stage)}
+        m["files"][f"{stage}.engine"] = file_entry(dst / f"{stage}.engine")
     m["tensorrt"] = {"version": version, "engines": {s: f"{s}.engine" for s in trt.STAGES},
                      "strongly_typed": True, "fp16": False, "profiles": {}}
     (dst / "manifest.json").write_text(json.dumps(m))
