@@ -5,6 +5,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# The decoder is traced with a prompt of EXAMPLE_SEQ tokens (export.stages.decoder_example) and
+# validated on one with VALIDATION_TEXT text tokens around a full image (export.validate): the
+# seq axis must reach both, or the export fails after minutes with an exporter error.
+EXAMPLE_SEQ = 100
+VALIDATION_TEXT = (7, 23)
+
+
+def min_seq(image_seq_len: int) -> int:
+    """The smallest --max-seq an export of a model with `image_seq_len` vision tokens accepts."""
+    return max(EXAMPLE_SEQ, image_seq_len + sum(VALIDATION_TEXT))
+
 
 @dataclass(frozen=True)
 class Axis:

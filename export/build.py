@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from dart_ops.spec import DartConfig
+from export.cli import Parser, handle_sigterm, report
+from export.outdir import CHECKPOINT, Staging
 
 log = logging.getLogger("export.build")
 
@@ -26,6 +27,10 @@ EPILOG = """examples:
   python -m export.build --model ./my-llava-checkpoint --dry-run  # print what would be exported
   python -m export.build --model llava-tiny --target trt          # + TensorRT engines (on the target GPU)
 """
+
+
+# Opsets an export may target: DartPrune's body needs 17; TensorRT 10.3's ONNX parser reads up to 20.
+OPSETS = (17, 20)
 
 
 class BuildError(RuntimeError):
@@ -49,7 +54,7 @@ class BuildConfig:
 
 
 def parse_args(argv=None) -> BuildConfig:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m export.build", description="Export a VLM with DART token pruning to ONNX.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
     )
@@ -65,7 +70,7 @@ def parse_args(argv=None) -> BuildConfig:
     d.add_argument("--pivots-text", type=int, default=4, help="text pivot tokens (default: 4)")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=None, help="engine directory (default: engines/<model>)")
-    o.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    o.add_argument("--opset", type=int, default=18, help=f"ONNX opset, {OPSETS[0]}..{OPSETS[1]} (default: 18)")
     o.add_argument("--max-seq", type=int, default=2048, help="longest prompt in tokens (default: 2048)")
     o.add_argument("--max-context", type=int, default=4096, help="prompt + generated tokens (default: 4096)")
     o.add_argument("--max-batch", type=int, default=4, help="largest batch (default: 4)")
@@ -80,8 +85,9 @@ def parse_args(argv=None) -> BuildConfig:
         dart = DartConfig(layer=a.layer, pivots_image=a.pivots_image, pivots_text=a.pivots_text, keep_ratio=a.ratio)
     except ValueError as e:
         p.error(str(e))
-    if a.opset < 17:
-        p.error(f"--opset must be >= 17 (DartPrune's body needs it), got {a.opset}")
+    if not OPSETS[0] <= a.opset <= OPSETS[1]:
+        p.error(f"--opset must be in [{OPSETS[0]}, {OPSETS[1]}] (17: DartPrune's body needs it; {OPSETS[1]}: the "
+                f"newest the exporter and TensorRT 10.3's parser both take), got {a.opset}")
     for flag, value in (("--max-seq", a.max_seq), ("--max-context", a.max_context), ("--max-batch", a.max_batch)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
@@ -92,24 +98,14 @@ def parse_args(argv=None) -> BuildConfig:
                        not a.no_validate, a.dry_run, a.verbose, a.target)
 
 
-def _prepare_out(out: Path) -> Path:
-    """Refuse to clobber a non-engine directory; return the temporary build directory."""
-    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise BuildError(f"--out {out} exists and is not an engine directory; choose another path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
+def check_sizes(cfg: BuildConfig, n_vision: int) -> None:
+    """Refuse sizes the export would fail on only after minutes of tracing."""
+    from export.axes import min_seq
 
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Atomic replace: a half-written directory never sits at `out`."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    need = min_seq(n_vision)
+    if cfg.max_seq < need:
+        raise BuildError(f"--max-seq {cfg.max_seq} is too short for this model: a prompt with its {n_vision} vision "
+                         f"tokens needs --max-seq >= {need}")
 
 
 def build(cfg: BuildConfig) -> dict:
@@ -118,6 +114,7 @@ def build(cfg: BuildConfig) -> dict:
     from export import families
 
     family = families.resolve(cfg.model)
+    check_sizes(cfg, family.vision_tokens(cfg.model))
     if cfg.dry_run:
         return {}
     import torch
@@ -129,8 +126,8 @@ def build(cfg: BuildConfig) -> dict:
 
     dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
     t_start = time.perf_counter()
-    tmp = _prepare_out(cfg.out)
-    try:
+    with Staging(cfg.out) as staging:
+        tmp = staging.tmp
         steps = tqdm(total=6, desc="export", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
         steps.set_postfix_str("loading model")
         loaded = family.load(cfg.model, dtype)
@@ -161,8 +158,11 @@ def build(cfg: BuildConfig) -> dict:
                          lambda L, after: cfg.dart.counts(L, after), dtype,
                          tol=1e-4 if dtype == torch.float32 else 2e-2)
             steps.update()
+        checkpoint = None
         if loaded.save_checkpoint is not None:
-            loaded.save_checkpoint(tmp / "checkpoint")
+            loaded.save_checkpoint(tmp / CHECKPOINT)
+            checkpoint = sorted(p.relative_to(tmp / CHECKPOINT).as_posix()
+                                for p in (tmp / CHECKPOINT).rglob("*") if p.is_file())
         steps.update()
         tokens = dict(loaded.tokens)
         result = manifest.write(tmp, {
@@ -180,14 +180,12 @@ def build(cfg: BuildConfig) -> dict:
             "tokens": tokens,
             "preprocess": loaded.preprocess,
             "prompt": loaded.prompt,
+            **({CHECKPOINT: checkpoint} if checkpoint else {}),
         }, files)
         steps.update()
         steps.close()
-        _publish(tmp, cfg.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("export: %s done in %.1f s -> %s", cfg.model, time.perf_counter() - t_start, cfg.out)
+        staging.publish()
+    log.info("export: %s done in %.1f s -> %s", cfg.model, time.perf_counter() - t_start, staging.out)
     return result
 
 
@@ -245,9 +243,11 @@ def main(argv=None) -> int:
             logging.getLogger(noisy).setLevel(logging.ERROR)
     from export import families
 
+    handle_sigterm()
     try:
         family = families.resolve(cfg.model)
         n_vision = family.vision_tokens(cfg.model)
+        check_sizes(cfg, n_vision)
         log.info("%s (%s): K=%d, pivots %d+%d, keep ratio %g: %s; %s, opset %d, max seq %d, context %d -> %s",
                  cfg.model, family.name, cfg.dart.layer, cfg.dart.pivots_image, cfg.dart.pivots_text,
                  cfg.dart.keep_ratio, cfg.dart.describe(n_vision, 40), cfg.dtype, cfg.opset, cfg.max_seq,
@@ -266,13 +266,8 @@ def main(argv=None) -> int:
     except families.UnknownModel as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 1
-    except Exception as e:  # one line for the user, the traceback with -v
-        from export.cli import report
-
-        kinds = {"BuildError": "build", "TrtBuildError": "trt"}
+    except (Exception, KeyboardInterrupt) as e:  # one line for the user, the traceback with -v
+        kinds = {"BuildError": "build", "TrtBuildError": "trt", "OutDirError": "out"}
         return report(e, cfg.verbose, kinds.get(type(e).__name__))
     return 0
 

@@ -17,7 +17,7 @@ import torch
 
 from dart_ops.onnx_export import attach_dart_function, translation_table
 from dart_ops.spec import MAX_SPAN
-from export.axes import Axis
+from export.axes import EXAMPLE_SEQ, Axis
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def export_embed_tokens(module, axes: dict[str, Axis], opset: int, out: Path):
     return _save(model, out / "embed_tokens.onnx", force_external=False)
 
 
-def decoder_example(flat, dims: dict, dtype, seq: int = 100, span=(10, 60), quota: int = 3):
+def decoder_example(flat, dims: dict, dtype, seq: int = EXAMPLE_SEQ, span=(10, 60), quota: int = 3):
     """Example prefill inputs for the FlatDecoder (batch 2, empty past)."""
     dec = flat.decoder
     past = tuple(
@@ -112,7 +112,19 @@ def export_decoder(flat, dims: dict, axes: dict[str, Axis], dtype, sizes: dict, 
     kv = tuple({0: B, 2: low if i < 2 * dec.layer else high} for i in range(2 * dec.num_layers))
     model = _export(flat, decoder_example(flat, dims, dtype), ({0: B, 1: S}, {0: B, 1: S}, None, None, None, kv),
                     flat.input_names(), flat.output_names(), opset, **sizes)
+    set_metadata(model, {
+        "dart.layer": dec.layer, "dart.pivots_image": dec.pivots_image, "dart.pivots_text": dec.pivots_text,
+        "dart.max_pivots": sizes["max_pivots"], "dart.max_span": sizes["max_span"],
+    })
     return _save(model, out / "decoder.onnx", force_external=True)
+
+
+def set_metadata(model: onnx.ModelProto, props: dict) -> None:
+    """ONNX metadata_props the runtime checks the manifest against (what the graph was built for:
+    DartPrune's layer and body sizes; ONNX Runtime exposes them as custom_metadata_map)."""
+    for key, value in props.items():
+        entry = next((e for e in model.metadata_props if e.key == key), None) or model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
 
 
 def decoder_dims(flat) -> dict:

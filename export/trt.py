@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.cli import Parser, handle_sigterm
+
 log = logging.getLogger("export.trt")
 
 STAGES = ("vision_encoder", "embed_tokens", "decoder")
@@ -212,8 +214,11 @@ def build_engines(cfg: TrtConfig) -> dict:
         engine = engine_from_network((builder, net, _parser), config=config,
                                      save_timing_cache=str(cfg.timing_cache) if cfg.timing_cache else None)
         tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        save_engine(engine, str(tmp))
-        tmp.replace(out)
+        try:
+            save_engine(engine, str(tmp))
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)  # interrupted: no debris in the engine directory
         engines[stage] = out.name
         log.info("%s: built in %.1f s -> %s (%.1f MiB; shape tensors: %s)", stage, time.perf_counter() - t0,
                  out.name, out.stat().st_size / 2**20, ", ".join(sorted(shape_tensors)) or "none")
@@ -234,15 +239,18 @@ def _update_manifest(path: Path, manifest: dict, section: dict) -> None:
         files[name] = file_entry(path.parent / name)
     manifest = {**manifest, "files": files, "tensorrt": section}
     tmp = path.with_name(f".manifest.json.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- CLI -----------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None) -> TrtConfig:
-    p = argparse.ArgumentParser(prog="python -m export.trt", description="Build TensorRT engines from an "
+    p = Parser(prog="python -m export.trt", description="Build TensorRT engines from an "
                                 "exported engine directory (run it on the target device).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--engine-dir", type=Path, required=True, help="directory written by python -m export.build")
@@ -288,6 +296,7 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO, format="%(message)s",
                         stream=sys.stderr)
+    handle_sigterm()
     try:
         result = build_engines(cfg)
         if cfg.dry_run:

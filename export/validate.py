@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.axes import VALIDATION_TEXT
+
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +83,7 @@ def validate(out: Path, modules: dict, dims: dict, image_size: int, image_seq_le
         flat = modules["decoder"]
         names_in, names_out = flat.input_names(), flat.output_names()
         sess = _session(out / "decoder.onnx")
-        a, L, after = 7, image_seq_len, 23
+        (a, after), L = VALIDATION_TEXT, image_seq_len
         S = a + L + after
         c = counts_for(L, after)
         span_len = L if c.prune else 0

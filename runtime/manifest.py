@@ -82,12 +82,23 @@ class TokenSpec:
 
 @dataclass(frozen=True)
 class PreprocessSpec:
-    image_size: int
-    pad_to_square: bool
-    resample: str
-    rescale: float
-    mean: tuple[float, float, float]
+    """The checkpoint's image processor (LlavaImageProcessor / CLIPImageProcessor, PIL backend):
+    image -> RGB (alpha composited on white, EXIF orientation applied) -> [pad to square with
+    int(255 * mean)] -> resize so the shortest edge is `shortest_edge` -> center crop to
+    image_size x image_size -> * rescale -> (x - mean) / std."""
+
+    image_size: int  # the vision graph's input height = width (the crop)
+    pad_to_square: bool  # LlavaImageProcessor(do_pad=True), LLaVA's expand2square
+    resample: str  # bicubic, bilinear, nearest, lanczos
+    rescale: float  # 1/255 (do_rescale=False is recorded as 1.0)
+    mean: tuple[float, float, float]  # do_normalize=False is recorded as mean 0, std 1
     std: tuple[float, float, float]
+    shortest_edge: int | None = None  # resize target of the shortest edge; None: image_size
+    center_crop: bool = True  # crop the centre image_size x image_size after resizing
+
+    @property
+    def resize_edge(self) -> int:
+        return self.image_size if self.shortest_edge is None else self.shortest_edge
 
 
 @dataclass(frozen=True)
@@ -243,6 +254,8 @@ def parse_preprocess(pre: dict) -> PreprocessSpec:
         rescale=_num(pre, "rescale", "preprocess."),
         mean=_three(pre, "mean", "preprocess."),
         std=_three(pre, "std", "preprocess."),
+        shortest_edge=_get(pre, "shortest_edge", (int, type(None)), "preprocess.", default=None),
+        center_crop=_get(pre, "center_crop", bool, "preprocess.", default=True),
     )
 
 

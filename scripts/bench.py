@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from export.benchmark import DEFAULT_IMAGE, DEFAULT_PROMPT, DEFAULT_RUNTIMES, RUNTIMES, BenchConfig
+from export.cli import Parser
 
 log = logging.getLogger("bench")
 
@@ -52,7 +53,7 @@ def _runtimes(text: str) -> tuple[str, ...]:
 
 
 def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser(prog="python scripts/bench.py", description=__doc__.split("\n")[0],
+    p = Parser(prog="python scripts/bench.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
