@@ -160,7 +160,9 @@ class Staging:
     """The staging directory of one export to `out` (see the module docstring)."""
 
     def __init__(self, out: Path):
-        self.out = resolve_out(Path(out))
+        self.out = resolve_out(Path(os.path.abspath(out)))
+        if not self.out.name:
+            raise OutDirError(f"--out {out} is a filesystem root; choose a directory for the engine")
         self.parent = self.out.parent
         self.tmp = self.parent / f".{self.out.name}.partial-{os.getpid()}"
         self._fd: int | None = None
