@@ -282,6 +282,13 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
     pixels = preprocess(cfg.image, src.preprocess)  # (1, 3, H, W) float32
     S = len(ids)
     a, L = find_span(ids, src.tokens["image_token_id"])
+    if {"ort", "trt"} & set(cfg.runtimes):  # the runtime would cap the run short of --new-tokens
+        from runtime.manifest import read_manifest
+
+        limit = read_manifest(engine_dir, verify=False).max_context
+        if S + cfg.new_tokens > limit:
+            raise BenchError(f"--new-tokens {cfg.new_tokens} after the {S}-token prompt exceeds the engine's "
+                             f"max_context {limit}; lower --new-tokens or re-export with a larger --max-context")
     log.info("bench: %s, S=%d tokens (%d vision at %d), %d new tokens, %d threads, %d+%d runs per row",
              cfg.model, S, L, a, cfg.new_tokens, cfg.threads, cfg.warmup, cfg.repeats)
 

@@ -7,12 +7,15 @@
 Batch 1. Prefill feeds the whole prompt with empty past KV and the vision span; the decoder prunes
 the span at layer K and returns the kept positions. Each decode step feeds one token at position
 S + t (S = unpruned prompt length) with span_len 0 and the previous step's present KV.
+
+Every argument is checked before a graph runs (InputError), and every stage output that feeds the
+next stage is checked for NaN / inf (EngineError), so a bad input never surfaces as an ONNX Runtime
+error from inside the decoder.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,10 +25,10 @@ import numpy as np
 
 from dart_ops.spec import DartConfig
 from runtime.errors import EngineError, InputError
-from runtime.manifest import STAGE_NAMES, TOKENIZER_NAME, Manifest, TrtSpec, read_manifest
+from runtime.manifest import STAGE_NAMES, TOKENIZER_NAME, Manifest, TrtSpec, check_graphs, read_manifest
 from runtime.preprocess import ImageLike, preprocess
 from runtime.prompt import PromptBuilder, find_span
-from runtime.sampling import Sampler
+from runtime.sampling import Sampler, as_int, check_keep_ratio, check_max_new_tokens, describe
 from runtime.stage import OrtStage, Stage
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,9 @@ class GenerateOutput:
     timings:        vision_ms, embed_ms, prefill_ms, decode_ms, total_ms (and preprocess_ms),
                     tokens_per_s (decode steps per second after prefill), prompt_tokens,
                     kept_tokens, vision_tokens, kept_vision_tokens, new_tokens, decode_steps,
-                    kv_bytes (bytes of the KV cache after prefill, both layer groups).
+                    kv_bytes (bytes of the KV cache after prefill, both layer groups),
+                    max_new_tokens (the limit used: the one asked for, or less when capped to
+                    max_context - prompt_tokens).
     keep_ratio:     the ratio used.
     first_logits:   (V,) float32 logits of the prefill step (what chose the first new token).
     """
@@ -68,6 +73,29 @@ def _scalar(v: int) -> np.ndarray:
     return np.array(v, dtype=np.int64)  # 0-d int64, as the decoder's span_start/span_len/quota
 
 
+def cap_new_tokens(max_new_tokens: int, prompt_tokens: int, max_context: int) -> int:
+    """How many tokens generate() may add: prompt + new tokens fit the engine's max_context (the KV
+    cache's length bound), as transformers' generate stops at max_length. 0 when the prompt fills it."""
+    return max(0, min(max_new_tokens, max_context - prompt_tokens))
+
+
+def _asarray(value, name: str, want: str) -> np.ndarray:
+    """np.asarray, with numpy's errors on ragged nested lists turned into InputError."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError):
+        raise InputError(f"{name} must be {want}, got {describe(value)}, not a rectangular array") from None
+
+
+def _finite(x: np.ndarray, stage: str, what: str) -> np.ndarray:
+    """`x`, after checking that a stage's output holds no NaN / inf (which the next stage would turn
+    into garbage tokens, or an error from inside DartPrune)."""
+    if not np.isfinite(x).all():
+        raise EngineError(f"{stage} produced non-finite values (NaN or inf) in {what} from finite inputs; the "
+                          "engine is corrupt or overflows (an fp16 export?): re-export, e.g. with --dtype fp32")
+    return x
+
+
 class Pipeline:
     """One engine, ready to generate. Build with `runtime.load(engine_dir)`; tests may pass their
     own `stages` (anything with the Stage interface) and `prompt` builder."""
@@ -80,6 +108,7 @@ class Pipeline:
         self.prompt = prompt
         for name, stage in stages.items():
             _check_names(name, stage, manifest)
+        check_graphs(manifest, stages)  # dims, K, vocab, DART metadata: the graphs match the manifest
         self._check_decoder()
         dec_spec = manifest.stages["decoder"]
         self.embeds_dtype = _np_dtype(_spec_dtype(dec_spec, "inputs_embeds", manifest.dtype), "decoder")
@@ -117,12 +146,13 @@ class Pipeline:
             raise InputError("give a prompt (text) or input_ids (a full prompt with one image token)")
         if prompt is not None:
             return self.prompt.encode(prompt, with_image)
-        arr = np.asarray(input_ids)
+        arr = _asarray(input_ids, "input_ids", "a non-empty 1-D (or [1, S]) sequence of ints (batch 1 only)")
         if arr.ndim == 2 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
             raise InputError(f"input_ids must be a non-empty 1-D (or [1, S]) sequence of ints, got shape "
                              f"{arr.shape} dtype {arr.dtype} (batch 1 only)")
+        self._check_length(arr.size)  # before copying it into a list: expanding only makes it longer
         vocab = self.manifest.decoder.vocab_size
         if arr.min() < 0 or arr.max() >= vocab:
             raise InputError(f"input_ids must be in [0, {vocab}), got values from {arr.min()} to {arr.max()}")
@@ -136,26 +166,36 @@ class Pipeline:
         if pixel_values is None:
             return None
         size = self.manifest.preprocess.image_size
-        pv = np.asarray(pixel_values)
+        want = f"a float array [1, 3, {size}, {size}]"
+        pv = _asarray(pixel_values, "pixel_values", want)
         if pv.shape != (1, 3, size, size) or not np.issubdtype(pv.dtype, np.floating):
-            raise InputError(f"pixel_values must be float [1, 3, {size}, {size}], got {pv.dtype} {list(pv.shape)}")
-        return pv.astype(self.pixel_dtype, copy=False)
+            raise InputError(f"pixel_values must be {want}, got {pv.dtype} {list(pv.shape)}")
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+            pv = pv.astype(self.pixel_dtype, copy=False)  # (1, 3, H, W): small, the shape is checked
+        if not np.isfinite(pv).all():
+            raise InputError(f"pixel_values hold NaN or infinite values (as {pv.dtype}); give finite, normalised "
+                             "pixels (or pass image= and let the engine preprocess it)")
+        return pv
 
-    def _check_length(self, S: int, max_new_tokens: int) -> None:
+    def _check_length(self, S: int) -> None:
         m = self.manifest
         if S > m.max_seq:
             raise InputError(f"prompt has {S} tokens; this engine was exported for at most {m.max_seq} "
                              "(re-export with --max-seq)")
-        if S + max_new_tokens > m.max_context:
-            raise InputError(f"prompt has {S} tokens and max_new_tokens is {max_new_tokens}: {S + max_new_tokens} "
-                             f"> this engine's max_context {m.max_context} (lower max_new_tokens or re-export "
-                             "with --max-context)")
+
+    def _cap_new_tokens(self, S: int, max_new_tokens: int) -> int:
+        m = self.manifest
+        n = cap_new_tokens(max_new_tokens, S, m.max_context)
+        if n < max_new_tokens:
+            log.warning("generate: max_new_tokens %d capped to %d: the prompt's %d tokens + new tokens must fit "
+                        "this engine's max_context %d (re-export with --max-context for longer answers)",
+                        max_new_tokens, n, S, m.max_context)
+        return n
 
     def resolve_ratio(self, keep_ratio: float | None) -> float:
+        """The keep ratio to use: `keep_ratio` (a Python or numpy real in (0, 1]) or the manifest's."""
         r = self.manifest.dart.keep_ratio if keep_ratio is None else keep_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or math.isnan(r) or not 0.0 < r <= 1.0:
-            raise InputError(f"keep ratio must be in (0, 1] (1.0 keeps every vision token), got {r!r}")
-        return float(r)
+        return check_keep_ratio(r)
 
     # --- generate ---------------------------------------------------------------------------------
 
@@ -176,13 +216,25 @@ class Pipeline:
     ) -> GenerateOutput:
         """Answer one prompt (batch 1). Stops at an eos token (not included in token_ids) or after
         max_new_tokens. `stream` receives each new piece of text as soon as it decodes cleanly.
-        `ignore_eos` generates exactly max_new_tokens (eos tokens included; for benchmarks)."""
+        `ignore_eos` generates exactly max_new_tokens (eos tokens included; for benchmarks).
+
+        Numbers may be Python or numpy scalars (bools are refused): keep_ratio in (0, 1] (None: the
+        manifest's), max_new_tokens an integer >= 0, temperature finite >= 0 (0 = greedy), top_p in
+        (0, 1], seed None or an integer in [0, 2**63 - 1] (negative seeds are refused, not mapped).
+        max_new_tokens larger than max_context - prompt tokens is capped to it, with a warning (as
+        transformers' generate stops at max_length); timings["max_new_tokens"] is the limit used. A
+        prompt longer than the engine's max_seq raises InputError.
+
+        Raises InputError for a bad argument (before any graph runs) and EngineError when a stage fails
+        or produces NaN / inf. An exception raised by `stream` itself propagates unchanged and ends
+        the generation."""
         m = self.manifest
         t_start = time.perf_counter()
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
         ratio = self.resolve_ratio(keep_ratio)
         sampler = Sampler(temperature, top_p, seed)
+        if stream is not None and not callable(stream):
+            raise InputError(f"stream must be a callable taking each new piece of text, got {describe(stream)}")
 
         pixels = self._pixels(image, pixel_values)
         ids = self._prompt_ids(prompt, input_ids, with_image=pixels is not None)
@@ -192,7 +244,8 @@ class Pipeline:
             raise InputError("the prompt has image tokens but no image was given; pass image= or pixel_values=")
         if pixels is not None and not L:
             raise InputError("an image was given but input_ids hold no image token; add one where the image goes")
-        self._check_length(S, max_new_tokens)
+        self._check_length(S)
+        max_new_tokens = self._cap_new_tokens(S, max_new_tokens)
         t_pre = time.perf_counter()
 
         dart = m.dart
@@ -207,11 +260,12 @@ class Pipeline:
             features = self.vision.run({self.pixel_name: pixels})[self.features_name]  # (1, N, D)
         t1 = time.perf_counter()
         embeds = self._embed(np.asarray([ids], dtype=np.int64))  # (1, S, D)
-        embeds = embeds.astype(self.embeds_dtype, copy=False)
+        embeds = _finite(embeds.astype(self.embeds_dtype, copy=False), "embed_tokens", self.embeds_name)
         if features is not None:
             if features.shape[0] != 1 or features.shape[1] != L or features.shape[2] != embeds.shape[2]:
                 raise EngineError(f"vision_encoder returned features {list(features.shape)} for {L} image tokens "
                                   f"of width {embeds.shape[2]} (tokens.image_seq_len disagrees); re-export")
+            _finite(features, "vision_encoder", self.features_name)
             embeds = embeds.copy()
             embeds[0, a:a + L] = features[0]
         t2 = time.perf_counter()
@@ -224,6 +278,7 @@ class Pipeline:
             "quota": _scalar(counts.quota),
             **self.empty_past,
         })
+        _finite(out["logits"], "decoder", "logits (prefill)")
         kept = [int(p) for p in out["kept_positions"][0]]
         t3 = time.perf_counter()
         kv_bytes = sum(int(out[self.present_for[n]].nbytes) for n in self.past_names)
@@ -251,6 +306,7 @@ class Pipeline:
                 "quota": _scalar(0),
                 **{n: out[self.present_for[n]] for n in self.past_names},
             })
+            _finite(out["logits"], "decoder", f"logits (decode step {t + 1})")
             steps += 1
         text = self.prompt.decode(tokens)
         if streamer:
@@ -273,6 +329,7 @@ class Pipeline:
             "new_tokens": len(tokens),
             "decode_steps": steps,
             "kv_bytes": kv_bytes,
+            "max_new_tokens": max_new_tokens,
         }
         log.info("generate: S=%d, span [%d, %d), ratio %.3f -> T=%d, kept %d; %d new tokens",
                  S, a, a + L, ratio, counts.quota, len(kept), len(tokens))
@@ -337,8 +394,12 @@ def load(
     always runs on one). `spin`: let idle threads busy-wait between ops. Off by default: on a
     small CPU the idle pools of the other sessions then steal cores from the running one (2
     threads, llava-bench: prefill 1.2-1.6x slower with spinning, decode the same within noise;
-    docs/BENCHMARKS.md)."""
+    docs/BENCHMARKS.md). A single provider name may be given as a string ("cuda")."""
     t0 = time.perf_counter()
+    if isinstance(providers, str):
+        providers = [providers]
+    if threads is not None:
+        threads = as_int(threads, "threads", "None or an integer >= 1", lambda v: v >= 1)
     manifest = read_manifest(engine_dir, verify=verify)
     names = [p.lower() for p in providers or ["cpu"] if isinstance(p, str)]
     if "tensorrt" in names:

@@ -10,6 +10,7 @@ User-given input_ids may hold one image token (expanded here) or an already expa
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +35,26 @@ def find_span(ids: Sequence[int], image_token_id: int) -> tuple[int, int]:
         raise InputError(f"the prompt's {length} image tokens (id {image_token_id}) are not one contiguous "
                          "run; give one image with one image token")
     return start, length
+
+
+def check_template(template: str, name: str) -> None:
+    """A chat template holds the user's text as exactly one `{prompt}` field, with no conversion or
+    format spec; literal braces are doubled (`{{`, `}}`). EngineError naming `prompt.<name>` otherwise
+    (checked when the engine loads, so a bad template never fails later, at generate time)."""
+    where = f"manifest.json: prompt.{name}"
+    if not isinstance(template, str):
+        raise EngineError(f"{where} must be a string, got {type(template).__name__}; re-export the engine")
+    try:
+        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:  # unbalanced braces
+        raise EngineError(f"{where} is not a valid template ({exc}; write literal braces as {{{{ and }}}}); "
+                          "re-export the engine") from None
+    bad = ["{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+           for f, conv, spec in fields if (f, conv, spec) != ("prompt", None, "")]
+    if bad or len(fields) != 1:
+        what = f"field(s) {', '.join(map(repr, bad))}" if bad else f"{len(fields)} {{prompt}} fields"
+        raise EngineError(f"{where} has {what}; it must hold exactly one {{prompt}} field (literal braces "
+                          "written as {{ and }}); re-export the engine")
 
 
 def expand_image_tokens(ids: Sequence[int], image_token_id: int, image_seq_len: int) -> list[int]:
@@ -64,25 +85,38 @@ class PromptBuilder:
                                   "re-export the engine") from exc
         self.spec = prompt
         self.tokens = tokens
-        for name, template in (("template", prompt.template), ("template_text_only", prompt.template_text_only)):
-            if "{prompt}" not in template:
-                raise EngineError(f"manifest.json: prompt.{name} has no '{{prompt}}' field; re-export the engine")
-        if tokens.image_token not in prompt.template:
-            raise EngineError(f"manifest.json: prompt.template has no {tokens.image_token!r}; re-export the engine")
+        check_template(prompt.template, "template")
+        check_template(prompt.template_text_only, "template_text_only")
         found = self.tokenizer.token_to_id(tokens.image_token)
         if found != tokens.image_token_id:
             raise EngineError(f"tokenizer.json maps the image token {tokens.image_token!r} to {found}, but the "
                               f"manifest says {tokens.image_token_id}; re-export the engine")
+        for name, template, want in (("template", prompt.template, 1), ("template_text_only",
+                                                                      prompt.template_text_only, 0)):
+            n = self._count_image_tokens(self._tokenize(template.format(prompt="")))
+            if n != want:
+                raise EngineError(f"manifest.json: prompt.{name} holds {n} image tokens "
+                                  f"({tokens.image_token!r}), it must hold {want}; re-export the engine")
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=self.spec.add_special_tokens).ids
+
+    def _count_image_tokens(self, ids: list[int]) -> int:
+        return sum(1 for i in ids if i == self.tokens.image_token_id)
 
     def encode(self, prompt: str, with_image: bool) -> list[int]:
         """Token ids of the templated prompt, image token expanded (with_image) or absent."""
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates: the tokenizer would raise a bare TypeError
+            raise InputError(f"prompt is not valid Unicode text ({exc.reason} at character {exc.start}, "
+                             f"{prompt[exc.start]!r})") from None
         template = self.spec.template if with_image else self.spec.template_text_only
-        text = template.format(prompt=prompt)
-        ids = self.tokenizer.encode(text, add_special_tokens=self.spec.add_special_tokens).ids
-        n = sum(1 for i in ids if i == self.tokens.image_token_id)
-        if n != (1 if with_image else 0):
+        text = template.format(prompt=prompt)  # a single {prompt} field: checked at load
+        ids = self._tokenize(text)
+        if self._count_image_tokens(ids) != (1 if with_image else 0):
             raise InputError(f"the prompt text must not contain {self.tokens.image_token!r}: the template adds "
                              "the image token itself (pass the image separately)")
         return self.expand(ids)

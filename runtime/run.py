@@ -1,6 +1,10 @@
 """Command line: answer one prompt about one image with an exported engine directory.
 
     python -m runtime.run --engine-dir engines/llava-tiny --image cat.jpg --prompt "What is this?"
+
+Errors end as one line on stderr, without terminal escape codes and without a traceback (unless
+-v): exit code 2 for usage errors (bad flags and values, found before the engine loads), 1 for
+failures (engine directory, image, prompt too long, ...), 130 when interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -8,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,9 @@ examples:
   python -m runtime.run --engine-dir engines/llava-tiny --image cat.jpg --prompt "Describe it." --ratio 1.0
   python -m runtime.run --engine-dir engines/llava --image cat.jpg --prompt "Describe it." \\
       --temperature 0.7 --top-p 0.9 --seed 0 --provider cuda --json
+
+exit codes: 0 answered; 1 failed (engine directory, image, prompt too long, ...; one line on
+stderr, the traceback with -v); 2 usage error (a bad flag or value); 130 interrupted.
 """
 
 
@@ -42,32 +50,63 @@ class RunConfig:
     verbose: bool = False
 
 
-def _ratio(text: str) -> float:
-    try:
-        r = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if math.isnan(r) or not 0.0 < r <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1.0 keeps every vision token), got {text}")
-    return r
+MAX_THREADS = 1024  # more intra-op threads than this is a typo; refused before ONNX Runtime builds a pool
+
+# What argparse should read as a value, not as an unknown flag: -5, -.5, -1e3, -inf, -Infinity, -nan.
+# argparse's own matcher misses -inf, -Infinity, -nan (r'-\.?\d' in recent 3.12 / 3.13+) and, before
+# that (r'^-\d+$|^-\d*\.\d+$'), -1e3 too.
+NEGATIVE_VALUE = re.compile(r"^-(?:\.?\d|(?:inf|infinity|nan)$)", re.IGNORECASE)
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")  # CSI sequences (colours) and 2-byte escapes
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _bounded(kind, low, name: str, strict: bool = False):
+def allow_negative_values(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make `parser` pass tokens that look like negative numbers (-1, -.5, -1e3, -inf, -nan, ...) to
+    the option before them, so `--ratio -inf` reaches the option's own check instead of failing with
+    argparse's "expected one argument". argparse reads the parser's `_negative_number_matcher` (an
+    instance attribute) in _parse_optional on Python 3.10-3.14 (3.10-3.13 tested). As in argparse, it
+    stays inactive if the parser has an option that looks like a negative number (-1), and options
+    are looked up first: a short option -i or -n would take "-inf" / "-nan" as itself + a value."""
+    parser._negative_number_matcher = NEGATIVE_VALUE
+    return parser
+
+
+def one_line(text: str) -> str:
+    """`text` as one line for a terminal: escape codes removed, other control characters (newlines,
+    a lone ESC) shown escaped, runs of whitespace collapsed."""
+    text = _ANSI.sub("", str(text))
+    text = _CONTROL.sub(lambda m: " " if m.group() in "\n\r\t" else f"\\x{ord(m.group()):02x}", text)
+    return " ".join(text.split())
+
+
+def _checked(kind, check: str):
+    """An argparse type: text -> int / float -> the API's own check (runtime.sampling.<check>), so the
+    CLI and generate() accept the same values and say the same thing; its InputError -> usage error."""
+
     def parse(text: str):
+        from runtime import sampling  # lazy: numpy is not needed for --help
+
         try:
-            v = kind(text)
+            value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if math.isnan(v) or (v <= low if strict else v < low):
-            raise argparse.ArgumentTypeError(f"{name} must be {'>' if strict else '>='} {low}, got {text}")
-        return v
+        try:
+            return getattr(sampling, check)(value)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = check  # argparse names the type in some messages
     return parse
 
 
-def _top_p(text: str) -> float:
-    v = _bounded(float, 0.0, "top-p", strict=True)(text)
-    if v > 1.0:
-        raise argparse.ArgumentTypeError(f"top-p must be in (0, 1], got {text}")
+def _threads(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= v <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"threads must be in [1, {MAX_THREADS}], got {v}")
     return v
 
 
@@ -81,10 +120,14 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit code 2."""
+    """Usage errors as one line on stderr, exit code 2; negative numbers are values."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        allow_negative_values(self)
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see: {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,21 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     io = p.add_argument_group("input")
     io.add_argument("--engine-dir", type=Path, required=True, help="engine directory written by export.build")
     io.add_argument("--image", type=Path, default=None, help="image file (omit for a text-only prompt)")
-    io.add_argument("--prompt", required=True, help="the question; the engine's chat template is applied")
+    io.add_argument("--prompt", required=True, help="the question; the engine's chat template is applied (a question starting "
+                                                "with '-' is written --prompt=-...)")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--ratio", type=_ratio, default=None,
+    gen.add_argument("--ratio", type=_checked(float, "check_keep_ratio"), default=None,
                      help="DART keep ratio of vision tokens in (0, 1]; default: the engine's (manifest)")
-    gen.add_argument("--max-new-tokens", type=_bounded(int, 0, "max-new-tokens"), default=64,
-                     help="stop after this many tokens (or at the end-of-sequence token)")
-    gen.add_argument("--temperature", type=_bounded(float, 0.0, "temperature"), default=0.0,
-                     help="0 = greedy")
-    gen.add_argument("--top-p", type=_top_p, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    gen.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens)")
+    gen.add_argument("--max-new-tokens", type=_checked(int, "check_max_new_tokens"), default=64,
+                     help="stop after this many tokens (or at the end-of-sequence token); capped, with a "
+                          "warning, so that prompt + new tokens fit the engine's max_context")
+    gen.add_argument("--temperature", type=_checked(float, "check_temperature"), default=0.0,
+                     help="finite, >= 0; 0 = greedy")
+    gen.add_argument("--top-p", type=_checked(float, "check_top_p"), default=1.0,
+                     help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
+    gen.add_argument("--seed", type=_checked(int, "check_seed"), default=None,
+                     help="sampling seed, an integer in [0, 2**63 - 1] (negative seeds are refused); same seed, "
+                          "same tokens; default: fresh randomness")
     ex = p.add_argument_group("execution")
     ex.add_argument("--provider", choices=("cpu", "cuda", "ort-tensorrt", "tensorrt"), default="cpu",
                     help="cpu / cuda / ort-tensorrt: ONNX Runtime execution provider (cuda and ort-tensorrt "
                          "need onnxruntime-gpu); tensorrt: the engines built by python -m export.trt")
-    ex.add_argument("--threads", type=_bounded(int, 1, "threads"), default=None,
+    ex.add_argument("--threads", type=_threads, default=None,
                     help="intra-op threads per stage (default: ONNX Runtime's)")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true",
@@ -155,23 +203,46 @@ def run(config: RunConfig):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)  # argparse exits 2 on usage errors
-    logging.basicConfig(level=logging.INFO if config.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(name)s: %(message)s")
-    try:
-        out = run(config)
-    except (EngineError, InputError) as exc:
-        if config.verbose:
-            log.exception("failed")
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+def print_result(config: RunConfig, out) -> None:
     if config.json:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "kept_positions": out.kept_positions,
                           "timings": out.timings, "keep_ratio": out.keep_ratio}))
     else:
         print()
         print(summary(out), file=sys.stderr)
+    sys.stdout.flush()  # a closed pipe fails here, inside main's handler, not at interpreter exit
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe too."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file descriptor (captured, replaced)
+        pass
+
+
+def _fail(message: str, verbose: bool, code: int = 1) -> int:
+    if verbose:
+        log.exception("failed")
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)  # argparse exits 2 on usage errors
+    logging.basicConfig(level=logging.INFO if config.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(name)s: %(message)s")
+    try:
+        print_result(config, run(config))
+    except (EngineError, InputError) as exc:
+        return _fail(str(exc) or type(exc).__name__, config.verbose)
+    except KeyboardInterrupt:
+        return _fail("interrupted", config.verbose, 130)
+    except BrokenPipeError:  # stdout closed early (`| head`)
+        _silence_stdout()
+        return _fail("output closed early (broken pipe)", config.verbose)
+    except Exception as exc:  # noqa: BLE001  a bug or a library's own error: still one line, -v shows where
+        return _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)", config.verbose)
     return 0
 
 

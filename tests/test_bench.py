@@ -307,3 +307,13 @@ def test_cuda_without_gpu_is_one_line(tmp_path):
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: BenchError: --device cuda: this torch build sees no CUDA GPU"]
     assert not out.exists()
+
+
+def test_new_tokens_beyond_the_context_fail_fast(tiny_engine, tmp_path):
+    """The runtime caps generation at max_context; the benchmark refuses instead of timing short runs."""
+    out = tmp_path / "b.json"
+    r = _bench("--engine-dir", str(tiny_engine[0]), "--runtimes", "ort", "--repeats", "1",
+               "--new-tokens", "4000", "--json", str(out), timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: BenchError: --new-tokens 4000 after the ")
+    assert "exceeds the engine's max_context 4096" in r.stderr and not out.exists()
