@@ -428,9 +428,10 @@ def test_expand2square_by_hand():
 
 
 def test_preprocess_matches_transformers(photo):
-    """Same numbers as transformers' CLIP processor on the padded image (no crop, 336x336 bicubic)
-    and as LlavaImageProcessor(do_pad=True) on the raw one. Both resize with PIL, as we do; the
-    measured max |difference| is ~1e-7 (float32 rounding in normalisation), asserted < 1e-5."""
+    """A manifest without shortest_edge / center_crop (pad to square, resize 336, crop = the whole
+    square) gives transformers' numbers bit for bit: CLIP's processor on the padded image, and
+    LlavaImageProcessor(do_pad=True) on the raw one (same PIL resize, same float order).
+    tests/test_preprocess.py covers the center-crop style, modes and sizes."""
     pytest.importorskip("transformers")
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
@@ -440,11 +441,22 @@ def test_preprocess_matches_transformers(photo):
     img = Image.open(photo).convert("RGB")
     padded = expand2square(img, pad_color(tuple(CLIP_MEAN)))
     clip = CLIPImageProcessorPil(do_center_crop=False, size={"height": 336, "width": 336}, do_convert_rgb=True)
-    theirs = np.asarray(clip(images=padded, return_tensors="np")["pixel_values"])
-    assert np.abs(ours - theirs).max() < 1e-5
+    np.testing.assert_array_equal(ours, np.asarray(clip(images=padded, return_tensors="np")["pixel_values"]))
     llava = LlavaImageProcessorPil(do_pad=True, do_center_crop=False, size={"height": 336, "width": 336})
-    theirs = np.asarray(llava(images=img, return_tensors="np")["pixel_values"])
-    assert np.abs(ours - theirs).max() < 1e-5
+    np.testing.assert_array_equal(ours, np.asarray(llava(images=img, return_tensors="np")["pixel_values"]))
+
+
+@pytest.mark.parametrize("width", [10, 11])
+def test_center_crop_by_hand(width):
+    """Shortest edge already 6 (the resize is the identity), crop 6: columns (width - 6) // 2 on,
+    as transformers' center_crop; rescale in float64 then float32, normalise in float32."""
+    a = np.random.default_rng(width).integers(0, 256, (6, width, 3), dtype=np.uint8)
+    spec = {"image_size": 6, "pad_to_square": False, "resample": "bicubic", "rescale": 1 / 255,
+            "mean": CLIP_MEAN, "std": CLIP_STD, "shortest_edge": 6, "center_crop": True}
+    left = (width - 6) // 2  # 2 for both widths
+    x = (a[:, left:left + 6] * (1 / 255)).astype(np.float32)
+    want = ((x - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)).transpose(2, 0, 1)[None]
+    np.testing.assert_array_equal(preprocess(a, spec), want)
 
 
 def test_preprocess_accepts_path_pil_array(photo):
@@ -457,8 +469,8 @@ def test_preprocess_accepts_path_pil_array(photo):
     np.testing.assert_array_equal(by_path, preprocess(photo, spec))
     np.testing.assert_array_equal(by_path, preprocess(img, spec))
     np.testing.assert_array_equal(by_path, preprocess(np.asarray(img.convert("RGB")), spec))
-    rgba = img.convert("RGBA")  # converted to RGB
-    assert preprocess(rgba, spec).shape == (1, 3, 336, 336)
+    rgba = img.convert("RGBA")  # opaque: compositing on white changes nothing
+    np.testing.assert_array_equal(by_path, preprocess(rgba, spec))
 
 
 def test_preprocess_bad_images(tmp_path):
@@ -675,13 +687,13 @@ def test_generate_bad_inputs(pipe, photo):
     with pytest.raises(InputError, match=r"prompt has 30 tokens; this engine was exported for at most 24 "
                                          r"\(re-export with --max-seq\)"):
         pipe.generate(input_ids=[5] * 30)
-    with pytest.raises(InputError, match="max_context 40"):
-        pipe.generate(input_ids=[5] * 20, max_new_tokens=30)
+    # S + max_new_tokens > max_context 40 is capped with a warning, not refused (test_runtime_errors.py)
+    assert pipe.generate(input_ids=[5] * 20, max_new_tokens=30).timings["max_new_tokens"] == 20
     with pytest.raises(InputError, match=r"input_ids must be in \[0, 16\)"):
         pipe.generate(input_ids=[5, 99])
     with pytest.raises(InputError, match="batch 1 only"):
         pipe.generate(input_ids=[[5, 6], [5, 6]])
-    with pytest.raises(InputError, match=r"pixel_values must be float \[1, 3, 8, 8\]"):
+    with pytest.raises(InputError, match=r"pixel_values must be a float array \[1, 3, 8, 8\]"):
         pipe.generate("what", pixel_values=np.zeros((1, 3, 4, 4), np.float32))
     with pytest.raises(InputError, match="cannot read image"):
         pipe.generate("what", image=photo.with_name("nope.png"))

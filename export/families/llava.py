@@ -141,6 +141,70 @@ def tiny_processor():
     )
 
 
+def tiny_pad_processor():
+    """llava-tiny's processor with LLaVA's pad-to-square image processor instead of CLIP's resize +
+    center crop: LlavaImageProcessor(do_pad=True), the other preprocessing style (tests)."""
+    from transformers import LlavaImageProcessor
+
+    processor = tiny_processor()
+    processor.image_processor = LlavaImageProcessor(
+        do_pad=True, size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+    )
+    return processor
+
+
+_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL's
+_RUNTIME_RESAMPLE = ("bicubic", "bilinear")  # the filters runtime.preprocess reproduces
+
+
+def preprocess_spec(ip, vision_image_size: int) -> dict:
+    """The manifest's "preprocess" object (runtime.manifest.PreprocessSpec) read from a checkpoint's
+    image processor (CLIPImageProcessor, LlavaImageProcessor, ...). ValueError, one line, for a
+    behaviour the runtime cannot reproduce."""
+    name = type(ip).__name__
+
+    def refuse(what: str) -> ValueError:
+        return ValueError(f"{name}: {what}; the runtime's preprocessing cannot reproduce it")
+
+    size, crop = dict(getattr(ip, "size", None) or {}), dict(getattr(ip, "crop_size", None) or {})
+    if getattr(ip, "do_convert_rgb", True) is False:
+        raise refuse("do_convert_rgb=False (the runtime always converts to RGB)")
+    if not getattr(ip, "do_resize", True) or set(size) != {"shortest_edge"}:
+        raise refuse(f"resize {'off' if not getattr(ip, 'do_resize', True) else size} "
+                     "(the runtime resizes the shortest edge: size={'shortest_edge': N})")
+    resample = _RESAMPLE_NAMES.get(2 if ip.resample is None else int(ip.resample))  # None: HF's bilinear
+    if resample not in _RUNTIME_RESAMPLE:
+        raise refuse(f"resample {resample or ip.resample} (the runtime has {', '.join(_RUNTIME_RESAMPLE)})")
+    # LlavaImageProcessor's do_pad pads to a square before resizing; other processors' do_pad pads a
+    # batch to its largest image (to pad_size if set), a no-op for one image.
+    pad = bool(getattr(ip, "do_pad", False)) and callable(getattr(ip, "pad_to_square", None))
+    if getattr(ip, "do_pad", False) and not pad and getattr(ip, "pad_size", None):
+        raise refuse(f"do_pad with pad_size={dict(ip.pad_size)}")
+    edge = int(size["shortest_edge"])
+    center_crop = bool(getattr(ip, "do_center_crop", False))
+    if center_crop and (set(crop) != {"height", "width"} or crop["height"] != crop["width"]):
+        raise refuse(f"crop_size {crop} (the runtime crops a square)")
+    image_size = int(crop["height"]) if center_crop else edge
+    if not center_crop and not pad:
+        raise refuse(f"no center crop after a shortest-edge resize to {edge} (not square)")
+    if image_size > edge:
+        raise refuse(f"center crop {image_size} larger than the resize {edge} (zero padding)")
+    if image_size != vision_image_size:
+        raise refuse(f"{image_size} px images for a vision tower of {vision_image_size} px")
+    normalize = getattr(ip, "do_normalize", True)
+    if pad and not normalize:
+        raise refuse("do_pad with do_normalize=False (the pad colour still comes from image_mean)")
+    mean, std = (ip.image_mean, ip.image_std) if normalize else (0.0, 1.0)
+    mean, std = ([float(x)] * 3 if isinstance(x, (int, float)) else [float(v) for v in x]
+                 for x in (mean, std))
+    return {
+        "image_size": image_size, "pad_to_square": pad, "resample": resample,
+        "rescale": float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 1.0,
+        "mean": mean, "std": std, "shortest_edge": edge, "center_crop": center_crop,
+    }
+
+
 class VisionEncoder:
     """pixel_values (B, 3, H, W) -> image_features (B, N, D): CLIP tower, feature layer, projector."""
 
@@ -230,8 +294,6 @@ class LlavaFamily(Family):
     def _loaded(self, name: str, hf, processor) -> Loaded:
         cfg = hf.config
         tok = processor.tokenizer
-        ip = processor.image_processor
-        size = ip.crop_size["height"] if getattr(ip, "crop_size", None) else IMAGE_SIZE
         patch = cfg.vision_config.patch_size
         n = (cfg.vision_config.image_size // patch) ** 2
         return Loaded(
@@ -239,11 +301,7 @@ class LlavaFamily(Family):
             name=name,
             model=hf,
             tokenizer_json=tok.backend_tokenizer.to_str(),
-            preprocess={
-                "image_size": size, "pad_to_square": True, "resample": "bicubic",
-                "rescale": float(getattr(ip, "rescale_factor", 1 / 255)),
-                "mean": [float(x) for x in ip.image_mean], "std": [float(x) for x in ip.image_std],
-            },
+            preprocess=preprocess_spec(processor.image_processor, cfg.vision_config.image_size),
             prompt={"template": TEMPLATE, "template_text_only": TEMPLATE_TEXT_ONLY,
                     "add_special_tokens": True},
             tokens={
