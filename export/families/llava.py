@@ -286,7 +286,7 @@ class LlavaFamily(Family):
         except OSError as e:
             raise ModelNotAvailable(
                 f"cannot load {source} ({str(e).splitlines()[0]}); point --model at a local "
-                "checkpoint directory (e.g. from `huggingface-cli download " + HUB_ID + "`), "
+                "checkpoint directory (e.g. from `hf download " + HUB_ID + " --local-dir DIR`), "
                 "or use --model llava-tiny, which needs no download"
             ) from None
         return hf.eval(), processor
