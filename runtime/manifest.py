@@ -1,8 +1,10 @@
 """Read and validate an engine directory's manifest.json (docs/ENGINE_FORMAT.md, format_version 1).
 
-`read_manifest(engine_dir)` parses the manifest into frozen dataclasses and, unless told not to,
-checks that every listed file exists and has the recorded size and sha256. Anything wrong is an
-`EngineError` whose one-line message names the file or key and says what to do (usually: re-export).
+`read_manifest(engine_dir)` parses the manifest into frozen dataclasses, refusing any value outside
+its documented range and any path that leaves the engine directory (symlinks followed), then runs
+the file checks of runtime/engine_checks.py (sizes, sha256 unless verify=False, external data).
+Anything wrong is an `EngineError` whose one-line message names the file or key and says what to
+do (usually: re-export).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
+import math
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dart_ops.spec import MAX_PIVOTS, MAX_SPAN
 from runtime.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,24 @@ TOKENIZER_NAME = "tokenizer.json"
 STAGE_NAMES = ("vision_encoder", "embed_tokens", "decoder")
 EXPORT_HINT = "python -m export.build --model llava-tiny"
 _HASH_CHUNK = 1 << 20  # 1 MiB
+
+# Bounds of manifest values (docs/ENGINE_FORMAT.md, "Ranges"). Generous for real models, small
+# enough that no value can make the runtime allocate without limit.
+MAX_MANIFEST_BYTES = 16 << 20  # manifest.json size, checked before reading
+MAX_NESTING = 32  # JSON objects / arrays inside each other
+MAX_TOKENS = 1 << 20  # dynamic_axes values, max_context
+MAX_DIM = 1 << 24  # fixed dims of stage tensors, decoder.vocab_size
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 4096
+MAX_HIDDEN = 1 << 16
+MAX_IMAGE = 4096  # preprocess.image_size, preprocess.shortest_edge
+MAX_RANK = 8
+MAX_EOS = 64  # entries of tokens.eos_token_id
+MAX_PATH = 1024  # characters of a file name in the manifest
+OPSET_RANGE = (7, 64)
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+RESAMPLE = ("bicubic", "bilinear")  # the filters runtime/preprocess.py reproduces exactly
 
 
 @dataclass(frozen=True)
@@ -83,13 +105,13 @@ class TokenSpec:
 @dataclass(frozen=True)
 class PreprocessSpec:
     """The checkpoint's image processor (LlavaImageProcessor / CLIPImageProcessor, PIL backend):
-    image -> RGB (alpha composited on white, EXIF orientation applied) -> [pad to square with
-    int(255 * mean)] -> resize so the shortest edge is `shortest_edge` -> center crop to
-    image_size x image_size -> * rescale -> (x - mean) / std."""
+    image -> RGB -> [pad to square with int(255 * mean)] -> resize so the shortest edge is
+    `resize_edge` -> center crop to image_size x image_size -> * rescale -> (x - mean) / std.
+    How paths and PIL images become RGB (alpha, palettes, EXIF): runtime/preprocess.py."""
 
     image_size: int  # the vision graph's input height = width (the crop)
     pad_to_square: bool  # LlavaImageProcessor(do_pad=True), LLaVA's expand2square
-    resample: str  # bicubic, bilinear, nearest, lanczos
+    resample: str  # bicubic or bilinear
     rescale: float  # 1/255 (do_rescale=False is recorded as 1.0)
     mean: tuple[float, float, float]  # do_normalize=False is recorded as mean 0, std 1
     std: tuple[float, float, float]
@@ -145,7 +167,8 @@ class Manifest:
     tensorrt: TrtSpec | None = None
 
     def path(self, name: str) -> Path:
-        return self.directory / name
+        """directory / name; EngineError when it resolves outside the directory (symlinks followed)."""
+        return _inside(self.directory, name)
 
     @property
     def max_seq(self) -> int:
@@ -158,7 +181,19 @@ class Manifest:
 
 
 def _fail(what: str) -> EngineError:
+    what = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in what)  # one line, whatever the keys
+    if len(what) > 2 * MAX_PATH:  # a key of a megabyte stays out of the message
+        what = what[:2 * MAX_PATH - 3] + "..."
     return EngineError(f"manifest.json: {what}; re-export the engine with: {EXPORT_HINT}")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr of a manifest value for a message, cut to `limit` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        text = "an integer of more than 4300 digits"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _get(d: dict, key: str, kind, where: str, default: Any = ...) -> Any:
@@ -180,18 +215,72 @@ def _kind_name(kinds: tuple) -> str:
     return " or ".join(k.__name__ for k in kinds)
 
 
-def _num(d: dict, key: str, where: str) -> float:
-    return float(_get(d, key, (int, float), where))
+def _in_range(value: int, name: str, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise _fail(f"'{name}' must be in [{lo}, {hi}], got {_show(value)}")
+    return value
+
+
+def _int(d: dict, key: str, where: str, lo: int, hi: int) -> int:
+    return _in_range(_get(d, key, int, where), where + key, lo, hi)
+
+
+def _opt_int(d: dict, key: str, where: str, lo: int, hi: int) -> int | None:
+    """An int in [lo, hi], or null / absent (None)."""
+    value = _get(d, key, (int, type(None)), where, default=None)
+    return None if value is None else _in_range(value, where + key, lo, hi)
+
+
+def _real(value: float, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    """A finite number in [lo, hi] ((lo, hi] with lo_open). JSON allows NaN, Infinity and 1e999."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not (finite and (lo < value if lo_open else lo <= value) and value <= hi):
+        bracket = "(" if lo_open else "["
+        raise _fail(f"'{name}' must be a finite number in {bracket}{lo}, {hi}], got {_show(value)}")
+    return float(value)
+
+
+def _num(d: dict, key: str, where: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    return _real(_get(d, key, (int, float), where), where + key, lo, hi, lo_open)
+
+
+def _three(d: dict, key: str, where: str, lo: float, hi: float) -> tuple[float, float, float]:
+    v = _get(d, key, list, where)
+    if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise _fail(f"'{where}{key}' must be 3 numbers (R, G, B), got {_show(v)}")
+    r, g, b = (_real(x, f"{where}{key}[{i}]", lo, hi) for i, x in enumerate(v))
+    return r, g, b
+
+
+def _rel_path(value: str, what: str) -> str:
+    """A file name inside the engine directory: relative, '/'-separated, no '.' / '..' / empty parts."""
+    if (not value or len(value) > MAX_PATH or not value.isprintable() or "\\" in value
+            or any(p in ("", ".", "..") for p in value.split("/"))):
+        raise _fail(f"{what} must be a relative path inside the engine directory (no '..', not absolute), "
+                    f"got {_show(value, MAX_PATH)}")
+    return value
+
+
+def _dtype(d: dict, key: str, where: str) -> str:
+    value = _get(d, key, str, where)
+    if value not in DTYPES:
+        raise _fail(f"'{where}{key}' must be one of {', '.join(DTYPES)}, got {_show(value)}")
+    return value
 
 
 def _tensor(d: Any, where: str) -> TensorSpec:
     if not isinstance(d, dict):
         raise _fail(f"'{where}' must be an object with name, dtype, shape")
     shape = _get(d, "shape", list, where + ".")
-    for dim in shape:
-        if isinstance(dim, bool) or not isinstance(dim, (int, str)):
-            raise _fail(f"'{where}.shape' holds {dim!r}; dims are ints or dynamic-axis names")
-    return TensorSpec(_get(d, "name", str, where + "."), _get(d, "dtype", str, where + "."), tuple(shape))
+    if len(shape) > MAX_RANK:
+        raise _fail(f"'{where}.shape' has {len(shape)} dims, more than {MAX_RANK}")
+    for i, dim in enumerate(shape):
+        named = isinstance(dim, str) and 0 < len(dim) <= 256
+        if not named and (isinstance(dim, bool) or not isinstance(dim, int)):
+            raise _fail(f"'{where}.shape' holds {_show(dim)}; dims are ints or dynamic-axis names")
+        if isinstance(dim, int):
+            _in_range(dim, f"{where}.shape[{i}]", 0, MAX_DIM)
+    return TensorSpec(_get(d, "name", str, where + "."), _dtype(d, "dtype", where + "."), tuple(shape))
 
 
 def _stage(name: str, d: Any) -> StageSpec:
@@ -201,7 +290,7 @@ def _stage(name: str, d: Any) -> StageSpec:
     inputs = _get(d, "inputs", list, where + ".")
     outputs = _get(d, "outputs", list, where + ".")
     return StageSpec(
-        file=_get(d, "file", str, where + "."),
+        file=_rel_path(_get(d, "file", str, where + "."), f"'{where}.file'"),
         inputs=tuple(_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(inputs)),
         outputs=tuple(_tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(outputs)),
     )
@@ -211,81 +300,153 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return tuple(value)
-    raise _fail(f"'tokens.eos_token_id' must be an int, a list of ints or null, got {value!r}")
+        value = [value]
+    if not (isinstance(value, list) and len(value) <= MAX_EOS
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise _fail(f"'tokens.eos_token_id' must be an int, a list of at most {MAX_EOS} ints or null, "
+                    f"got {_show(value)}")
+    return tuple(value)
 
 
-def _three(d: dict, key: str, where: str) -> tuple[float, float, float]:
-    v = _get(d, key, list, where)
-    if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
-        raise _fail(f"'{where}{key}' must be 3 numbers (R, G, B), got {v!r}")
-    return (float(v[0]), float(v[1]), float(v[2]))
-
-
-def parse_tokens(tok: dict) -> TokenSpec:
-    """The manifest's "tokens" object."""
+def parse_tokens(tok: dict, vocab_size: int = MAX_DIM) -> TokenSpec:
+    """The manifest's "tokens" object; token ids must lie in [0, vocab_size)."""
+    hi = vocab_size - 1
+    eos = _eos_ids(_get(tok, "eos_token_id", (int, list, type(None)), "tokens."))
+    for i, v in enumerate(eos):
+        _in_range(v, f"tokens.eos_token_id[{i}]" if len(eos) > 1 else "tokens.eos_token_id", 0, hi)
     return TokenSpec(
         image_token=_get(tok, "image_token", str, "tokens."),
-        image_token_id=_get(tok, "image_token_id", int, "tokens."),
-        image_seq_len=_get(tok, "image_seq_len", int, "tokens."),
-        eos_token_ids=_eos_ids(_get(tok, "eos_token_id", (int, list, type(None)), "tokens.")),
-        bos_token_id=_get(tok, "bos_token_id", (int, type(None)), "tokens.", default=None),
-        pad_token_id=_get(tok, "pad_token_id", (int, type(None)), "tokens.", default=None),
+        image_token_id=_int(tok, "image_token_id", "tokens.", 0, hi),
+        image_seq_len=_int(tok, "image_seq_len", "tokens.", 1, MAX_SPAN),
+        eos_token_ids=eos,
+        bos_token_id=_opt_int(tok, "bos_token_id", "tokens.", 0, hi),
+        pad_token_id=_opt_int(tok, "pad_token_id", "tokens.", 0, hi),
     )
+
+
+def check_template(template: str, name: str) -> None:
+    """A chat template holds the user's text as exactly one `{prompt}` field, with no conversion or
+    format spec; literal braces are doubled (`{{`, `}}`). EngineError naming `prompt.<name>` otherwise
+    (checked when the engine loads, so a bad template never fails later, at generate time)."""
+    where = f"manifest.json: prompt.{name}"
+    if not isinstance(template, str):
+        raise EngineError(f"{where} must be a string, got {type(template).__name__}; re-export the engine")
+    try:
+        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:  # unbalanced braces
+        raise EngineError(f"{where} is not a valid template ({exc}; write literal braces as {{{{ and }}}}); "
+                          "re-export the engine") from None
+    bad = ["{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+           for f, conv, spec in fields if (f, conv, spec) != ("prompt", None, "")]
+    if bad or len(fields) != 1:
+        what = f"field(s) {', '.join(map(repr, bad))}" if bad else f"{len(fields)} {{prompt}} fields"
+        raise EngineError(f"{where} has {what}; it must hold exactly one {{prompt}} field (literal braces "
+                          "written as {{ and }}); re-export the engine")
+
+
+def _template(prm: dict, key: str) -> str:
+    value = _get(prm, key, str, "prompt.")
+    check_template(value, key)
+    return value
 
 
 def parse_prompt(prm: dict) -> PromptSpec:
     """The manifest's "prompt" object."""
     return PromptSpec(
-        template=_get(prm, "template", str, "prompt."),
-        template_text_only=_get(prm, "template_text_only", str, "prompt."),
+        template=_template(prm, "template"),
+        template_text_only=_template(prm, "template_text_only"),
         add_special_tokens=_get(prm, "add_special_tokens", bool, "prompt."),
     )
 
 
 def parse_preprocess(pre: dict) -> PreprocessSpec:
     """The manifest's "preprocess" object (also what preprocess() accepts as a plain dict)."""
-    return PreprocessSpec(
-        image_size=_get(pre, "image_size", int, "preprocess."),
+    resample = _get(pre, "resample", str, "preprocess.")
+    if resample.lower() not in RESAMPLE:
+        raise _fail(f"'preprocess.resample' must be one of {', '.join(RESAMPLE)}, got {_show(resample)}")
+    spec = PreprocessSpec(
+        image_size=_int(pre, "image_size", "preprocess.", 1, MAX_IMAGE),
         pad_to_square=_get(pre, "pad_to_square", bool, "preprocess."),
-        resample=_get(pre, "resample", str, "preprocess."),
-        rescale=_num(pre, "rescale", "preprocess."),
-        mean=_three(pre, "mean", "preprocess."),
-        std=_three(pre, "std", "preprocess."),
-        shortest_edge=_get(pre, "shortest_edge", (int, type(None)), "preprocess.", default=None),
+        resample=resample,
+        rescale=_num(pre, "rescale", "preprocess.", 0, 1, lo_open=True),
+        mean=_three(pre, "mean", "preprocess.", 0, 1),  # the pad colour int(255 * mean) is a byte
+        std=_three(pre, "std", "preprocess.", 1e-6, 1e6),
+        shortest_edge=_opt_int(pre, "shortest_edge", "preprocess.", 1, MAX_IMAGE),
         center_crop=_get(pre, "center_crop", bool, "preprocess.", default=True),
+    )
+    # The result must be image_size x image_size: the crop needs a resize at least that large, and
+    # without a crop only a padded square resized to exactly image_size has that shape.
+    if spec.resize_edge < spec.image_size:
+        raise _fail(f"'preprocess.shortest_edge' {spec.resize_edge} is smaller than 'preprocess.image_size' "
+                    f"{spec.image_size} (the center crop)")
+    if not spec.center_crop and not (spec.pad_to_square and spec.resize_edge == spec.image_size):
+        raise _fail("'preprocess.center_crop' is false, but without pad_to_square and shortest_edge == "
+                    "image_size the image is not image_size x image_size")
+    return spec
+
+
+def _dart(dart: dict, num_layers: int) -> DartSpec:
+    w = "dart."
+    pivots_image = _int(dart, "pivots_image", w, 0, MAX_PIVOTS)
+    pivots_text = _int(dart, "pivots_text", w, 0, MAX_PIVOTS)
+    if not 1 <= pivots_image + pivots_text <= MAX_PIVOTS:
+        raise _fail(f"'dart.pivots_image' + 'dart.pivots_text' must be in [1, {MAX_PIVOTS}], "
+                    f"got {pivots_image} + {pivots_text}")
+    return DartSpec(
+        layer=_int(dart, "layer", w, 1, num_layers - 1),  # DART scores with layer K-1; K < num_layers
+        pivots_image=pivots_image,
+        pivots_text=pivots_text,
+        keep_ratio=_num(dart, "keep_ratio", w, 0, 1, lo_open=True),
+        max_span=_int(dart, "max_span", w, 1, MAX_SPAN),
     )
 
 
-def parse_manifest(raw: dict, directory: Path) -> Manifest:
-    """Manifest from the decoded JSON object (format and version already checked)."""
-    dart = _get(raw, "dart", dict, "")
-    dec = _get(raw, "decoder", dict, "")
-    tok = _get(raw, "tokens", dict, "")
-    pre = _get(raw, "preprocess", dict, "")
-    prm = _get(raw, "prompt", dict, "")
+def _decoder(dec: dict) -> DecoderSpec:
+    w = "decoder."
+    return DecoderSpec(
+        num_layers=_int(dec, "num_layers", w, 2, MAX_LAYERS),
+        num_kv_heads=_int(dec, "num_kv_heads", w, 1, MAX_HEADS),
+        head_dim=_int(dec, "head_dim", w, 1, MAX_HEAD_DIM),
+        hidden_size=_int(dec, "hidden_size", w, 1, MAX_HIDDEN),
+        vocab_size=_int(dec, "vocab_size", w, 2, MAX_DIM),
+    )
 
+
+def _files(section: dict) -> dict[str, FileEntry]:
     files = {}
-    for name, entry in _get(raw, "files", dict, "").items():
+    for name, entry in section.items():
+        _rel_path(name, "a 'files' key")
         if not isinstance(entry, dict):
             raise _fail(f"'files.{name}' must be an object with sha256 and bytes")
-        size = _get(entry, "bytes", int, f"files.{name}.", default=None)
-        files[name] = FileEntry(_get(entry, "sha256", str, f"files.{name}.").lower(), size)
+        sha = _get(entry, "sha256", str, f"files.{name}.")
+        if len(sha) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha):
+            raise _fail(f"'files.{name}.sha256' must be 64 hex digits, got {_show(sha)}")
+        size = _opt_int(entry, "bytes", f"files.{name}.", 0, 1 << 50)
+        files[name] = FileEntry(sha.lower(), size)
+    return files
 
-    stages_raw = _get(raw, "stages", dict, "")
-    for name in STAGE_NAMES:
-        if name not in stages_raw:
-            raise _fail(f"missing key 'stages.{name}'")
-    stages = {name: _stage(name, d) for name, d in stages_raw.items()}
 
+def _axes(section: dict) -> dict[str, Axis]:
     axes = {}
-    for name, a in _get(raw, "dynamic_axes", dict, "").items():
+    for name, a in section.items():
         if not isinstance(a, dict):
             raise _fail(f"'dynamic_axes.{name}' must be an object with min, opt, max")
         w = f"dynamic_axes.{name}."
-        axes[name] = Axis(_get(a, "min", int, w), _get(a, "opt", int, w), _get(a, "max", int, w))
+        lo, opt, hi = (_int(a, k, w, 0, MAX_TOKENS) for k in ("min", "opt", "max"))
+        if not lo <= opt <= hi:
+            raise _fail(f"'dynamic_axes.{name}' must have min <= opt <= max, got {lo}, {opt}, {hi}")
+        axes[name] = Axis(lo, opt, hi)
+    return axes
+
+
+def _stages(section: dict, axes: dict[str, Axis]) -> dict[str, StageSpec]:
+    for name in STAGE_NAMES:
+        if name not in section:
+            raise _fail(f"missing key 'stages.{name}'")
+    unknown = [name for name in section if name not in STAGE_NAMES]
+    if unknown:
+        raise _fail(f"'stages.{unknown[0]}' is not a stage this runtime runs ({', '.join(STAGE_NAMES)})")
+    stages = {name: _stage(name, d) for name, d in section.items()}
     # Inputs' dynamic dims must be declared (they bound what the runtime may feed and become TensorRT
     # profiles); outputs may have derived dims ("kept", "seq + past_full") that are only labels.
     for stage_name, stage in stages.items():
@@ -294,31 +455,44 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
                 if isinstance(dim, str) and dim not in axes:
                     raise _fail(f"stages.{stage_name} input '{t.name}' uses axis '{dim}' "
                                 "that dynamic_axes does not declare")
+    return stages
 
+
+def _tools(section: dict) -> dict[str, str]:
+    for name, version in section.items():
+        if not isinstance(version, str):
+            raise _fail(f"'tools.{name}' must be a version string, got {type(version).__name__}")
+    return dict(section)
+
+
+def parse_manifest(raw: dict, directory: Path) -> Manifest:
+    """Manifest from the decoded JSON object (format and version already checked). Unknown keys
+    are ignored, except in "stages" (each stage names a file the runtime would open)."""
+    decoder = _decoder(_get(raw, "decoder", dict, ""))
+    dart = _dart(_get(raw, "dart", dict, ""), decoder.num_layers)
+    tokens = parse_tokens(_get(raw, "tokens", dict, ""), decoder.vocab_size)
+    if tokens.image_seq_len > dart.max_span:
+        raise _fail(f"'tokens.image_seq_len' must be in [1, {dart.max_span}] ('dart.max_span'), "
+                    f"got {tokens.image_seq_len}")
+    files = _files(_get(raw, "files", dict, ""))
+    axes = _axes(_get(raw, "dynamic_axes", dict, ""))
     return Manifest(
         directory=directory,
         format_version=raw["format_version"],
         family=_get(raw, "family", str, ""),
         model=_get(raw, "model", str, ""),
-        dtype=_get(raw, "dtype", str, ""),
-        dart=DartSpec(
-            layer=_get(dart, "layer", int, "dart."),
-            pivots_image=_get(dart, "pivots_image", int, "dart."),
-            pivots_text=_get(dart, "pivots_text", int, "dart."),
-            keep_ratio=_num(dart, "keep_ratio", "dart."),
-            max_span=_get(dart, "max_span", int, "dart."),
-        ),
+        dtype=_dtype(raw, "dtype", ""),
+        dart=dart,
         files=files,
-        stages=stages,
-        decoder=DecoderSpec(**{k: _get(dec, k, int, "decoder.") for k in (
-            "num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")}),
+        stages=_stages(_get(raw, "stages", dict, ""), axes),
+        decoder=decoder,
         dynamic_axes=axes,
-        max_context=_get(raw, "max_context", int, ""),
-        tokens=parse_tokens(tok),
-        preprocess=parse_preprocess(pre),
-        prompt=parse_prompt(prm),
-        opset=_get(raw, "opset", (int, type(None)), "", default=None),
-        tools=dict(_get(raw, "tools", dict, "", default={})),
+        max_context=_int(raw, "max_context", "", 1, MAX_TOKENS),
+        tokens=tokens,
+        preprocess=parse_preprocess(_get(raw, "preprocess", dict, "")),
+        prompt=parse_prompt(_get(raw, "prompt", dict, "")),
+        opset=_opt_int(raw, "opset", "", *OPSET_RANGE),
+        tools=_tools(_get(raw, "tools", dict, "", default={})),
         tensorrt=_trt(raw.get("tensorrt"), files),
     )
 
@@ -334,7 +508,7 @@ def _trt(section: Any, files: dict) -> TrtSpec | None:
         if not isinstance(name, str):
             raise _fail(f"missing key 'tensorrt.engines.{stage}'")
         if name not in files:
-            raise _fail(f"tensorrt.engines.{stage} = {name!r} is not listed in 'files'")
+            raise _fail(f"tensorrt.engines.{stage} = {_show(name)} is not listed in 'files'")
     return TrtSpec(
         version=_get(section, "version", str, "tensorrt."),
         engines=dict(engines),
@@ -355,63 +529,98 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _resolve_inside(directory: Path, name: str) -> Path:
-    path = (directory / name).resolve()
-    if not path.is_relative_to(directory.resolve()):
-        raise _fail(f"file '{name}' points outside the engine directory")
+def _inside(directory: Path, name: str) -> Path:
+    """directory / name, after checking that it resolves (symlinks followed) inside `directory`."""
+    path = directory / name
+    try:
+        inside = path.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        inside = False
+    if not inside:
+        shown = _show(name, MAX_PATH)
+        raise EngineError(f"{shown} resolves outside the engine directory {directory} ('..', an absolute "
+                          "path or a symlink); the runtime opens only files inside it: re-export the engine")
     return path
 
 
-def verify_files(manifest: Manifest) -> None:
-    """Every listed file exists with the recorded size and sha256; the files the runtime opens
-    (stage graphs, tokenizer.json) exist and the stage graphs are listed."""
-    d = manifest.directory
-    needed = [s.file for s in manifest.stages.values()] + [TOKENIZER_NAME]
-    for name in needed:
-        if not _resolve_inside(d, name).is_file():
-            raise EngineError(f"{name} is missing from {d}; the engine directory is incomplete, re-export it")
-    for stage in manifest.stages.values():
-        if stage.file not in manifest.files:
-            raise _fail(f"'files' has no sha256 for {stage.file}")
-    if TOKENIZER_NAME not in manifest.files:
-        log.warning("manifest: 'files' has no sha256 for %s; it is used unchecked", TOKENIZER_NAME)
+# --- reading -------------------------------------------------------------------------------------
 
-    t0 = time.perf_counter()
-    total = 0
-    for name, entry in manifest.files.items():
-        path = _resolve_inside(d, name)
-        if not path.is_file():
-            raise EngineError(f"{name} is listed in manifest.json but missing from {d}; re-export the engine")
-        size = path.stat().st_size
-        if entry.bytes is not None and size != entry.bytes:
-            raise EngineError(f"{name} was modified after export (size {size} bytes, manifest says "
-                              f"{entry.bytes}); re-export the engine")
-        if sha256_file(path) != entry.sha256:
-            raise EngineError(f"{name} was modified after export (sha256 mismatch); re-export the engine")
-        total += size
-    log.info("manifest: verified %d files (%.1f MB) in %.2f s",
-             len(manifest.files), total / 1e6, time.perf_counter() - t0)
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    d = {}
+    for key, value in pairs:
+        if key in d:
+            raise _DuplicateKey(key)
+        d[key] = value
+    return d
+
+
+def _too_deep(raw: Any) -> bool:
+    """More than MAX_NESTING objects / arrays inside each other (iterative: no recursion limit)."""
+    stack = [(raw, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_NESTING:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _read_json(mpath: Path) -> Any:
+    """manifest.json decoded, bounded: size cap before reading, nesting, duplicate keys refused."""
+    size = mpath.stat().st_size
+    too_big = EngineError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, which no manifest is; "
+                          f"re-export the engine with: {EXPORT_HINT}")
+    if size > MAX_MANIFEST_BYTES:
+        raise too_big
+    with open(mpath, "rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise too_big
+    try:
+        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_object)
+    except RecursionError:
+        raise _fail(f"objects and arrays are nested more than {MAX_NESTING} deep") from None
+    except _DuplicateKey as exc:
+        raise _fail(f"key {_show(exc.args[0])} appears twice in one object") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ints past 4300 digits
+        reason = str(exc).split(";")[0].splitlines()[0] if str(exc) else type(exc).__name__
+        raise EngineError(f"{mpath} is not valid JSON ({reason}); re-export the engine with: "
+                          f"{EXPORT_HINT}") from None
+    if _too_deep(raw):
+        raise _fail(f"objects and arrays are nested more than {MAX_NESTING} deep")
+    return raw
 
 
 def read_manifest(engine_dir: str | Path, verify: bool = True) -> Manifest:
-    """Parse `engine_dir/manifest.json`; with `verify`, also check every listed file's sha256."""
+    """Parse `engine_dir/manifest.json` and check the files it names (docs/ENGINE_FORMAT.md). With
+    verify=False the sha256 of the files is not computed; every other check still runs."""
     d = Path(engine_dir)
     mpath = d / MANIFEST_NAME
     if not d.is_dir() or not mpath.is_file():
-        raise EngineError(f"{d} is not an engine directory (no {MANIFEST_NAME}); export one with: {EXPORT_HINT}")
-    try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EngineError(f"{mpath} is not valid JSON ({exc}); re-export the engine with: {EXPORT_HINT}") from exc
+        raise EngineError(f"{d} is not an engine directory (no {MANIFEST_NAME}); export one with: "
+                          f"{EXPORT_HINT}")
+    raw = _read_json(_inside(d, MANIFEST_NAME))
     if not isinstance(raw, dict):
         raise _fail("the top level must be a JSON object")
     fmt, version = raw.get("format"), raw.get("format_version")
-    if fmt != FORMAT or version != FORMAT_VERSION:
+    if fmt != FORMAT or type(version) is not int or version != FORMAT_VERSION:
         raise EngineError(
-            f"{mpath} has format {fmt!r} version {version!r}; this runtime reads {FORMAT!r} version "
-            f"{FORMAT_VERSION}: re-export the engine with this version of dart-vlm ({EXPORT_HINT})"
+            f"{mpath} has format {_show(fmt)} version {_show(version)}; this runtime reads {FORMAT!r} "
+            f"version {FORMAT_VERSION}: re-export the engine with this version of dart-vlm ({EXPORT_HINT})"
         )
     manifest = parse_manifest(raw, d)
+    from runtime import engine_checks  # (it imports this module)
+
+    engine_checks.check_files(manifest)
     if verify:
-        verify_files(manifest)
+        engine_checks.verify_files(manifest)
+    engine_checks.check_graph_files(manifest)
     return manifest

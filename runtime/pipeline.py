@@ -25,7 +25,8 @@ import numpy as np
 
 from dart_ops.spec import DartConfig
 from runtime.errors import EngineError, InputError
-from runtime.manifest import STAGE_NAMES, TOKENIZER_NAME, Manifest, TrtSpec, check_graphs, read_manifest
+from runtime.engine_checks import check_graphs
+from runtime.manifest import STAGE_NAMES, TOKENIZER_NAME, Manifest, TrtSpec, read_manifest
 from runtime.preprocess import ImageLike, preprocess
 from runtime.prompt import PromptBuilder, find_span
 from runtime.sampling import Sampler, as_int, check_keep_ratio, check_max_new_tokens, describe

@@ -10,7 +10,6 @@ User-given input_ids may hold one image token (expanded here) or an already expa
 
 from __future__ import annotations
 
-import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.errors import EngineError, InputError
-from runtime.manifest import PromptSpec, TokenSpec
+from runtime.manifest import PromptSpec, TokenSpec, check_template
 
 
 def find_span(ids: Sequence[int], image_token_id: int) -> tuple[int, int]:
@@ -35,26 +34,6 @@ def find_span(ids: Sequence[int], image_token_id: int) -> tuple[int, int]:
         raise InputError(f"the prompt's {length} image tokens (id {image_token_id}) are not one contiguous "
                          "run; give one image with one image token")
     return start, length
-
-
-def check_template(template: str, name: str) -> None:
-    """A chat template holds the user's text as exactly one `{prompt}` field, with no conversion or
-    format spec; literal braces are doubled (`{{`, `}}`). EngineError naming `prompt.<name>` otherwise
-    (checked when the engine loads, so a bad template never fails later, at generate time)."""
-    where = f"manifest.json: prompt.{name}"
-    if not isinstance(template, str):
-        raise EngineError(f"{where} must be a string, got {type(template).__name__}; re-export the engine")
-    try:
-        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:  # unbalanced braces
-        raise EngineError(f"{where} is not a valid template ({exc}; write literal braces as {{{{ and }}}}); "
-                          "re-export the engine") from None
-    bad = ["{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
-           for f, conv, spec in fields if (f, conv, spec) != ("prompt", None, "")]
-    if bad or len(fields) != 1:
-        what = f"field(s) {', '.join(map(repr, bad))}" if bad else f"{len(fields)} {{prompt}} fields"
-        raise EngineError(f"{where} has {what}; it must hold exactly one {{prompt}} field (literal braces "
-                          "written as {{ and }}); re-export the engine")
 
 
 def expand_image_tokens(ids: Sequence[int], image_token_id: int, image_seq_len: int) -> list[int]:

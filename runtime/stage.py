@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from runtime.errors import EngineError
+from runtime.errors import EngineError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,12 @@ class OrtStage:
         opts = ort.SessionOptions()
         if threads is not None:
             if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
+                raise InputError(f"threads must be >= 1, got {threads}")
             opts.intra_op_num_threads = threads
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        opts.log_severity_level = 3  # errors only; ORT warns about every CPU fallback node
+        # Fatal only: ONNX Runtime warns about every CPU fallback node and logs each error (in red)
+        # before raising it; every error reaches the caller as one EngineError line instead.
+        opts.log_severity_level = 4
         try:
             options = _options_for(self.providers, provider_options or {})
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers,
@@ -98,11 +100,18 @@ class OrtStage:
                               "re-export the engine") from exc
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # What runtime.engine_checks.check_graphs compares with the manifest: dims are ints (fixed),
+        # strings (named dynamic axes) or None; metadata is the model's metadata_props.
+        self.input_shapes = {i.name: list(i.shape) for i in self.session.get_inputs()}
+        self.output_shapes = {o.name: list(o.shape) for o in self.session.get_outputs()}
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         log.info("%s: loaded %s on %s", self.name, self.path.name, ", ".join(self.session.get_providers()))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            outputs = self.session.run(self.output_names, feeds)
+            outputs = self.session.run(self.output_names, feeds, self._run_options)
         except Exception as exc:
             raise EngineError(f"{self.name}: onnxruntime failed ({_first_line(exc)})") from exc
         return dict(zip(self.output_names, outputs))

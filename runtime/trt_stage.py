@@ -233,6 +233,9 @@ class TrtStage:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        # What runtime.engine_checks.check_graphs compares with the manifest (-1: a dynamic dim).
+        self.input_shapes = {n: [int(d) for d in engine.get_tensor_shape(n)] for n in self.input_names}
+        self.output_shapes = {n: [int(d) for d in engine.get_tensor_shape(n)] for n in self.output_names}
         self.dtypes: dict[str, np.dtype] = {}
         for n in names:
             try:

@@ -50,7 +50,7 @@ def test_help_and_dry_run():
         (["--model", "llava-tiny", "--ratio", "1.5"], 2, "keep_ratio must be in (0, 1]"),
         (["--model", "llava-tiny", "--ratio", "0"], 2, "keep_ratio must be in (0, 1]"),
         (["--model", "llava-tiny", "--layer", "0"], 2, "layer (K) must be an integer >= 1"),
-        (["--model", "llava-tiny", "--opset", "13"], 2, "--opset must be >= 17"),
+        (["--model", "llava-tiny", "--opset", "13"], 2, "--opset must be in [17, 20]"),
     ],
 )
 def test_bad_arguments(args, code, needle, tmp_path):
@@ -71,7 +71,7 @@ def test_missing_weights_one_line_and_nothing_written(tmp_path):
 def test_refuses_to_overwrite_a_non_engine_directory(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     r = _cli("--model", "llava-tiny", "--out", str(tmp_path))
-    assert r.returncode == 1 and "not an engine directory" in r.stderr
+    assert r.returncode == 1 and "is not empty and is not a DART-VLM engine directory" in r.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
