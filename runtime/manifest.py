@@ -122,6 +122,20 @@ class PreprocessSpec:
     def resize_edge(self) -> int:
         return self.image_size if self.shortest_edge is None else self.shortest_edge
 
+    def problem(self) -> str | None:
+        """Why runtime/preprocess.py cannot reproduce this spec, naming the manifest key; None if it can."""
+        if self.resample.lower() not in RESAMPLE:
+            return f"'preprocess.resample' must be one of {', '.join(RESAMPLE)}, got {_show(self.resample)}"
+        # The result must be image_size x image_size: the crop needs a resize at least that large, and
+        # without a crop only a padded square resized to exactly image_size has that shape.
+        if not 1 <= self.image_size <= self.resize_edge:
+            return (f"'preprocess.shortest_edge' {self.resize_edge} is smaller than 'preprocess.image_size' "
+                    f"{self.image_size} (the center crop)")
+        if not self.center_crop and not (self.pad_to_square and self.resize_edge == self.image_size):
+            return ("'preprocess.center_crop' is false, but without pad_to_square and shortest_edge == "
+                    "image_size the image is not image_size x image_size")
+        return None
+
 
 @dataclass(frozen=True)
 class PromptSpec:
@@ -361,27 +375,19 @@ def parse_prompt(prm: dict) -> PromptSpec:
 
 def parse_preprocess(pre: dict) -> PreprocessSpec:
     """The manifest's "preprocess" object (also what preprocess() accepts as a plain dict)."""
-    resample = _get(pre, "resample", str, "preprocess.")
-    if resample.lower() not in RESAMPLE:
-        raise _fail(f"'preprocess.resample' must be one of {', '.join(RESAMPLE)}, got {_show(resample)}")
     spec = PreprocessSpec(
         image_size=_int(pre, "image_size", "preprocess.", 1, MAX_IMAGE),
         pad_to_square=_get(pre, "pad_to_square", bool, "preprocess."),
-        resample=resample,
+        resample=_get(pre, "resample", str, "preprocess."),
         rescale=_num(pre, "rescale", "preprocess.", 0, 1, lo_open=True),
         mean=_three(pre, "mean", "preprocess.", 0, 1),  # the pad colour int(255 * mean) is a byte
         std=_three(pre, "std", "preprocess.", 1e-6, 1e6),
         shortest_edge=_opt_int(pre, "shortest_edge", "preprocess.", 1, MAX_IMAGE),
         center_crop=_get(pre, "center_crop", bool, "preprocess.", default=True),
     )
-    # The result must be image_size x image_size: the crop needs a resize at least that large, and
-    # without a crop only a padded square resized to exactly image_size has that shape.
-    if spec.resize_edge < spec.image_size:
-        raise _fail(f"'preprocess.shortest_edge' {spec.resize_edge} is smaller than 'preprocess.image_size' "
-                    f"{spec.image_size} (the center crop)")
-    if not spec.center_crop and not (spec.pad_to_square and spec.resize_edge == spec.image_size):
-        raise _fail("'preprocess.center_crop' is false, but without pad_to_square and shortest_edge == "
-                    "image_size the image is not image_size x image_size")
+    problem = spec.problem()
+    if problem:
+        raise _fail(problem)
     return spec
 
 

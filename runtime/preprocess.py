@@ -280,18 +280,12 @@ def _resample_bounded(im: Image.Image, canvas: tuple[int, int], at: tuple[int, i
 
 
 def check_spec(spec: PreprocessSpec) -> str:
-    """The resample name, after checking that the runtime reproduces this preprocessing."""
-    kind = spec.resample.lower()
-    if kind not in _RESAMPLE:
-        raise EngineError(f"manifest.json: preprocess.resample {spec.resample!r} is not one of "
-                          f"{', '.join(_RESAMPLE)}; re-export the engine")
-    if spec.image_size < 1 or spec.resize_edge < spec.image_size:
-        raise EngineError(f"manifest.json: preprocess resizes to {spec.resize_edge} and crops "
-                          f"{spec.image_size}; the runtime needs 1 <= crop <= resize; re-export the engine")
-    if not spec.center_crop and not (spec.pad_to_square and spec.resize_edge == spec.image_size):
-        raise EngineError("manifest.json: preprocess without center_crop must pad to square and resize to "
-                          "image_size (the vision graph takes a square); re-export the engine")
-    return kind
+    """The resample name, after checking that the runtime reproduces this preprocessing (a spec
+    built in code; the manifest reader already refuses these)."""
+    problem = spec.problem()
+    if problem:
+        raise EngineError(f"manifest.json: {problem}; re-export the engine")
+    return spec.resample.lower()
 
 
 def preprocess(image: ImageLike, spec: PreprocessSpec | dict) -> np.ndarray:

@@ -247,14 +247,13 @@ def test_runtime_refuses_a_spec_it_cannot_run():
     spec = {"image_size": 336, "pad_to_square": False, "resample": "bicubic", "rescale": 1 / 255,
             "mean": CLIP_MEAN, "std": CLIP_STD, "shortest_edge": 336, "center_crop": True}
     img = np.zeros((4, 4, 3), np.uint8)
-    for change, as_dict, as_spec in (
-            ({"resample": "nearest"}, "'preprocess.resample' must be one of bicubic, bilinear", "not one of bicubic, bilinear"),
-            ({"shortest_edge": 300}, "'preprocess.shortest_edge' 300 is smaller", "needs 1 <= crop <= resize"),
-            ({"center_crop": False}, "'preprocess.center_crop' is false", "must pad to square")):
-        with pytest.raises(EngineError, match=as_dict):  # a manifest's dict: refused while parsing
+    for change, message in (({"resample": "nearest"}, "'preprocess.resample' must be one of bicubic, bilinear"),
+                            ({"shortest_edge": 300}, "'preprocess.shortest_edge' 300 is smaller"),
+                            ({"center_crop": False}, "'preprocess.center_crop' is false")):
+        with pytest.raises(EngineError, match=message):  # a manifest's dict: refused while parsing
             pre.preprocess(img, {**spec, **change})
         direct = PreprocessSpec(**{**spec, "mean": tuple(CLIP_MEAN), "std": tuple(CLIP_STD), **change})
-        with pytest.raises(EngineError, match=as_spec):  # a spec built in code: refused by preprocess
+        with pytest.raises(EngineError, match=message):  # a spec built in code: refused by preprocess
             pre.preprocess(img, direct)
     old_manifest = PreprocessSpec(336, True, "bicubic", 1 / 255, tuple(CLIP_MEAN), tuple(CLIP_STD))
     assert old_manifest.resize_edge == 336 and old_manifest.center_crop  # pad, resize 336, crop = identity
