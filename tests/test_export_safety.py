@@ -263,3 +263,10 @@ def test_bad_flags_fail_fast_with_one_line(tmp_path, capsys, flags, rc, text):
     assert text in err and err.count("\n") == 1 and "\x1b" not in err, err
     assert time.perf_counter() - t0 < 5
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_error_lines_carry_no_terminal_escape_codes():
+    from export.cli import one_line
+
+    err = RuntimeError("\x1b[1m\x1b[31mExport failed\x1b[0m: Dim max 10 < traced 100\nTraceback-ish detail")
+    assert one_line(err) == "Export failed: Dim max 10 < traced 100"
