@@ -1,0 +1,166 @@
+"""Typed, bounded reading of manifest.json (used by runtime/manifest.py): the JSON is read with a
+size cap, a nesting cap and duplicate keys refused; each value is fetched with its type and range
+checked. Every failure is one EngineError line naming the key ("manifest.json: 'dart.layer' must be
+in [1, 3], got -5; re-export ...")."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import EngineError
+
+EXPORT_HINT = "python -m export.build --model llava-tiny"
+MAX_MANIFEST_BYTES = 16 << 20  # manifest.json size, checked before reading
+MAX_NESTING = 32  # JSON objects / arrays inside each other
+MAX_PATH = 1024  # characters of a file name in the manifest
+DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+# --- values --------------------------------------------------------------------------------------
+
+
+def _fail(what: str) -> EngineError:
+    what = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in what)  # one line, whatever the keys
+    if len(what) > 2 * MAX_PATH:  # a key of a megabyte stays out of the message
+        what = what[:2 * MAX_PATH - 3] + "..."
+    return EngineError(f"manifest.json: {what}; re-export the engine with: {EXPORT_HINT}")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr of a manifest value for a message, cut to `limit` characters."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit str() limit
+        text = "an integer of more than 4300 digits"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _get(d: dict, key: str, kind, where: str, default: Any = ...) -> Any:
+    """d[key] checked against `kind` (a type or tuple of types); bools are not ints."""
+    if key not in d:
+        if default is not ...:
+            return default
+        raise _fail(f"missing key '{where}{key}'")
+    value = d[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise _fail(f"'{where}{key}' must be {_kind_name(kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise _fail(f"'{where}{key}' must be {_kind_name(kinds)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kinds: tuple) -> str:
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _in_range(value: int, name: str, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise _fail(f"'{name}' must be in [{lo}, {hi}], got {_show(value)}")
+    return value
+
+
+def _int(d: dict, key: str, where: str, lo: int, hi: int) -> int:
+    return _in_range(_get(d, key, int, where), where + key, lo, hi)
+
+
+def _opt_int(d: dict, key: str, where: str, lo: int, hi: int) -> int | None:
+    """An int in [lo, hi], or null / absent (None)."""
+    value = _get(d, key, (int, type(None)), where, default=None)
+    return None if value is None else _in_range(value, where + key, lo, hi)
+
+
+def _real(value: float, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    """A finite number in [lo, hi] ((lo, hi] with lo_open). JSON allows NaN, Infinity and 1e999."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not (finite and (lo < value if lo_open else lo <= value) and value <= hi):
+        bracket = "(" if lo_open else "["
+        raise _fail(f"'{name}' must be a finite number in {bracket}{lo}, {hi}], got {_show(value)}")
+    return float(value)
+
+
+def _num(d: dict, key: str, where: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    return _real(_get(d, key, (int, float), where), where + key, lo, hi, lo_open)
+
+
+def _three(d: dict, key: str, where: str, lo: float, hi: float) -> tuple[float, float, float]:
+    v = _get(d, key, list, where)
+    if len(v) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        raise _fail(f"'{where}{key}' must be 3 numbers (R, G, B), got {_show(v)}")
+    r, g, b = (_real(x, f"{where}{key}[{i}]", lo, hi) for i, x in enumerate(v))
+    return r, g, b
+
+
+def _rel_path(value: str, what: str) -> str:
+    """A file name inside the engine directory: relative, '/'-separated, no '.' / '..' / empty parts."""
+    if (not value or len(value) > MAX_PATH or not value.isprintable() or "\\" in value
+            or any(p in ("", ".", "..") for p in value.split("/"))):
+        raise _fail(f"{what} must be a relative path inside the engine directory (no '..', not absolute), "
+                    f"got {_show(value, MAX_PATH)}")
+    return value
+
+
+def _dtype(d: dict, key: str, where: str) -> str:
+    value = _get(d, key, str, where)
+    if value not in DTYPES:
+        raise _fail(f"'{where}{key}' must be one of {', '.join(DTYPES)}, got {_show(value)}")
+    return value
+
+
+# --- the file ---------------------------------------------------------------------------------------
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    d = {}
+    for key, value in pairs:
+        if key in d:
+            raise _DuplicateKey(key)
+        d[key] = value
+    return d
+
+
+def _too_deep(raw: Any) -> bool:
+    """More than MAX_NESTING objects / arrays inside each other (iterative: no recursion limit)."""
+    stack = [(raw, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > MAX_NESTING:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _read_json(mpath: Path) -> Any:
+    """manifest.json decoded, bounded: size cap before reading, nesting, duplicate keys refused."""
+    size = mpath.stat().st_size
+    too_big = EngineError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, which no manifest is; "
+                          f"re-export the engine with: {EXPORT_HINT}")
+    if size > MAX_MANIFEST_BYTES:
+        raise too_big
+    with open(mpath, "rb") as f:
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise too_big
+    try:
+        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_object)
+    except RecursionError:
+        raise _fail(f"objects and arrays are nested more than {MAX_NESTING} deep") from None
+    except _DuplicateKey as exc:
+        raise _fail(f"key {_show(exc.args[0])} appears twice in one object") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ints past 4300 digits
+        reason = str(exc).split(";")[0].splitlines()[0] if str(exc) else type(exc).__name__
+        raise EngineError(f"{mpath} is not valid JSON ({reason}); re-export the engine with: "
+                          f"{EXPORT_HINT}") from None
+    if _too_deep(raw):
+        raise _fail(f"objects and arrays are nested more than {MAX_NESTING} deep")
+    return raw
