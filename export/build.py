@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dart_ops.spec import DartConfig
-from export.cli import Parser, handle_sigterm, report
+from export.cli import EXIT_USAGE, Parser, dataclass_defaults, handle_sigterm, report
 from export.outdir import CHECKPOINT, Staging
 
 log = logging.getLogger("export.build")
@@ -54,32 +53,35 @@ class BuildConfig:
 
 
 def parse_args(argv=None) -> BuildConfig:
-    p = Parser(
-        prog="python -m export.build", description="Export a VLM with DART token pruning to ONNX.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-    )
+    d, dart_d = dataclass_defaults(BuildConfig), DartConfig()  # dart_d: the DART defaults
+    p = Parser(prog="python -m export.build", description="Export a VLM with DART token pruning to ONNX.",
+               epilog=EPILOG)
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True,
                    help="preset (llava, llava-tiny) or a local Hugging Face checkpoint directory")
-    m.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weights and activations (default: fp32)")
-    d = p.add_argument_group("DART")
-    d.add_argument("--ratio", type=float, default=0.111,
-                   help="default keep ratio of vision tokens, in (0, 1]; the runtime can override it (default: 0.111)")
-    d.add_argument("--layer", type=int, default=2, help="prune at the input of decoder layer K (default: 2)")
-    d.add_argument("--pivots-image", type=int, default=4, help="image pivot tokens (default: 4)")
-    d.add_argument("--pivots-text", type=int, default=4, help="text pivot tokens (default: 4)")
+    m.add_argument("--dtype", choices=["fp32", "fp16"], default=d["dtype"], help="weights and activations")
+    g = p.add_argument_group("DART")
+    g.add_argument("--ratio", type=float, default=dart_d.keep_ratio,
+                   help="default keep ratio of vision tokens, in (0, 1]; the runtime can override it")
+    g.add_argument("--layer", type=int, default=dart_d.layer, help="prune at the input of decoder layer K")
+    g.add_argument("--pivots-image", type=int, default=dart_d.pivots_image, help="image pivot tokens")
+    g.add_argument("--pivots-text", type=int, default=dart_d.pivots_text, help="text pivot tokens")
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, default=None, help="engine directory (default: engines/<model>)")
-    o.add_argument("--opset", type=int, default=18, help=f"ONNX opset, {OPSETS[0]}..{OPSETS[1]} (default: 18)")
-    o.add_argument("--max-seq", type=int, default=2048, help="longest prompt in tokens (default: 2048)")
-    o.add_argument("--max-context", type=int, default=4096, help="prompt + generated tokens (default: 4096)")
-    o.add_argument("--max-batch", type=int, default=4, help="largest batch (default: 4)")
-    o.add_argument("--target", choices=["onnx", "trt"], default="onnx",
-                   help="onnx: the ONNX graphs (default); trt: also build TensorRT engines on this machine "
+    o.add_argument("--out", "--engine-dir", dest="out", type=Path, default=None,
+                   help="engine directory to write (default: engines/<model>)")
+    o.add_argument("--opset", type=int, default=d["opset"], help=f"ONNX opset, {OPSETS[0]}..{OPSETS[1]}")
+    o.add_argument("--max-seq", type=int, default=d["max_seq"], help="longest prompt in tokens")
+    o.add_argument("--max-context", type=int, default=d["max_context"], help="prompt + generated tokens")
+    o.add_argument("--max-batch", type=int, default=d["max_batch"], help="largest batch")
+    o.add_argument("--target", choices=["onnx", "trt"], default=d["target"],
+                   help="onnx: the ONNX graphs; trt: also build TensorRT engines on this machine "
                         "(same as python -m export.trt --engine-dir OUT afterwards; needs TensorRT)")
-    o.add_argument("--no-validate", action="store_true", help="skip the comparison with eager PyTorch")
-    o.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-    o.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    o.add_argument("--no-validate", dest="validate", action="store_false", default=d["validate"],
+                   help="skip the comparison with eager PyTorch")
+    o.add_argument("--dry-run", action="store_true", default=d["dry_run"],
+                   help="print the resolved configuration and exit")
+    o.add_argument("-v", "--verbose", action="store_true", default=d["verbose"],
+                   help="debug logging and tracebacks")
     a = p.parse_args(argv)
     try:
         dart = DartConfig(layer=a.layer, pivots_image=a.pivots_image, pivots_text=a.pivots_text, keep_ratio=a.ratio)
@@ -95,7 +97,7 @@ def parse_args(argv=None) -> BuildConfig:
         p.error(f"--max-seq {a.max_seq} exceeds --max-context {a.max_context}")
     out = a.out if a.out is not None else Path("engines") / Path(a.model.rstrip("/")).name
     return BuildConfig(a.model, out, dart, a.dtype, a.opset, a.max_seq, a.max_context, a.max_batch,
-                       not a.no_validate, a.dry_run, a.verbose, a.target)
+                       a.validate, a.dry_run, a.verbose, a.target)
 
 
 def check_sizes(cfg: BuildConfig, n_vision: int) -> None:
@@ -264,8 +266,7 @@ def main(argv=None) -> int:
         if cfg.target == "trt":
             trt.build_engines(trt.TrtConfig(engine_dir=cfg.out, verbose=cfg.verbose))
     except families.UnknownModel as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, False, "", EXIT_USAGE)
     except (Exception, KeyboardInterrupt) as e:  # one line for the user, the traceback with -v
         kinds = {"BuildError": "build", "TrtBuildError": "trt", "OutDirError": "out"}
         return report(e, cfg.verbose, kinds.get(type(e).__name__))

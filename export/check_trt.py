@@ -1,7 +1,7 @@
 """Check an engine directory's ONNX graphs against TensorRT 10.3's ONNX parser, without TensorRT.
 
-    python -m export.check_trt engines/llava-tiny            # report, exit 1 on errors
-    python -m export.check_trt engines/llava-tiny --json     # findings as JSON
+    python -m export.check_trt --engine-dir engines/llava-tiny          # report, exit 1 on errors
+    python -m export.check_trt --engine-dir engines/llava-tiny --json   # findings as JSON
 
 A static check: model-local functions are inlined first (the parser imports them node by node
 too), then every node is held against the published operator matrix and the few restrictions that
@@ -33,7 +33,6 @@ Sources (the rules below cite them by letter):
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -42,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, inliner, numpy_helper
+
+from export.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Parser, dataclass_defaults, report
 
 TRT_VERSION = "10.3"
 # [M] "supports operators in the inclusive range of opset 9 to opset 20". The parser itself only
@@ -347,23 +348,53 @@ def to_json(findings_by_graph) -> dict:
                        for name, fs in findings_by_graph.items()}}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.check_trt",
-                                description=f"Static check of an engine directory's ONNX graphs against "
-                                            f"TensorRT {TRT_VERSION}'s ONNX parser (no TensorRT needed).")
-    p.add_argument("engine_dir", type=Path, help="engine directory (with manifest.json)")
-    p.add_argument("--json", action="store_true", help="print the findings as JSON")
-    p.add_argument("-v", "--verbose", action="store_true", help="tracebacks on failure")
+@dataclass(frozen=True)
+class CheckConfig:
+    engine_dir: Path
+    json: bool = False
+    verbose: bool = False
+
+
+EPILOG = """examples:
+  python -m export.check_trt --engine-dir engines/llava-tiny          # report, exit 1 on errors
+  python -m export.check_trt --engine-dir engines/llava-tiny --json   # findings as JSON
+  python -m export.check_trt engines/llava-tiny                       # the same, positional form
+
+exit codes: 0 no errors (warnings allowed); 1 the parser would reject a graph (errors listed), or
+the check itself failed; 2 usage error (a bad flag, no engine directory, an unreadable manifest or graph).
+"""
+
+
+def parse_args(argv=None) -> CheckConfig:
+    d = dataclass_defaults(CheckConfig)
+    p = Parser(prog="python -m export.check_trt", epilog=EPILOG,
+               description=f"Static check of an engine directory's ONNX graphs against TensorRT "
+                           f"{TRT_VERSION}'s ONNX parser (no TensorRT needed).")
+    p.add_argument("--engine-dir", type=Path, default=None, help="engine directory (with manifest.json)")
+    p.add_argument("engine_dir_positional", nargs="?", type=Path, default=None, metavar="ENGINE_DIR",
+                   help="the same as --engine-dir (the older form)")
+    p.add_argument("--json", action="store_true", default=d["json"], help="print the findings as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", default=d["verbose"], help="tracebacks on failure")
     a = p.parse_args(argv)
+    given = {x for x in (a.engine_dir, a.engine_dir_positional) if x is not None}
+    if not given:
+        p.error("no engine directory: pass --engine-dir DIR")
+    if len(given) > 1:
+        p.error(f"two engine directories given ({a.engine_dir_positional} and --engine-dir {a.engine_dir}): "
+                "pass one")
+    return CheckConfig(given.pop(), a.json, a.verbose)
+
+
+def main(argv=None) -> int:
+    cfg = parse_args(argv)
     try:
-        result = check_engine_dir(a.engine_dir)
-    except CheckError as e:
-        if a.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(to_json(result), indent=2) if a.json else format_report(result))
-    return 1 if _totals(result)[0] else 0
+        result = check_engine_dir(cfg.engine_dir)
+        print(json.dumps(to_json(result), indent=2) if cfg.json else format_report(result))
+    except CheckError as e:  # bad input: a usage error
+        return report(e, cfg.verbose, "", EXIT_USAGE)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001  one line for the user, the traceback with -v
+        return report(e, cfg.verbose)
+    return EXIT_FAILURE if _totals(result)[0] else EXIT_OK
 
 
 if __name__ == "__main__":

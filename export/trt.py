@@ -22,7 +22,6 @@ itself is not run in CI (docs/JETSON.md says what is verified where).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.cli import Parser, handle_sigterm
+from export.cli import EXIT_OK, Parser, dataclass_defaults, handle_sigterm, report
 
 log = logging.getLogger("export.trt")
 
@@ -250,26 +249,34 @@ def _update_manifest(path: Path, manifest: dict, section: dict) -> None:
 
 
 def parse_args(argv=None) -> TrtConfig:
-    p = Parser(prog="python -m export.trt", description="Build TensorRT engines from an "
-                                "exported engine directory (run it on the target device).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    p.add_argument("--engine-dir", type=Path, required=True, help="directory written by python -m export.build")
+    d = dataclass_defaults(TrtConfig)
+    p = Parser(prog="python -m export.trt", epilog=EPILOG,
+               description="Build TensorRT engines from an exported engine directory (run it on the target "
+                           "device).")
+    p.add_argument("--engine-dir", type=Path, required=True,
+                   help="directory written by python -m export.build")
     b = p.add_argument_group("build")
     b.add_argument("--no-strongly-typed", dest="strongly_typed", action="store_false",
+                   default=d["strongly_typed"],
                    help="weakly typed network (TensorRT picks precisions; needed for --fp16)")
-    b.add_argument("--fp16", action="store_true",
+    b.add_argument("--fp16", action="store_true", default=d["fp16"],
                    help="allow fp16 kernels in a weakly typed network (DART's fp32 scoring may then run in "
                         "fp16 and pick other tokens; prefer exporting with --dtype fp16)")
-    b.add_argument("--workspace-mib", type=int, default=None,
+    b.add_argument("--workspace-mib", type=int, default=d["workspace_mib"],
                    help="builder workspace memory-pool limit in MiB (default: TensorRT's, all free memory)")
-    b.add_argument("--max-batch", type=int, default=None, help="largest batch (default: the export's)")
-    b.add_argument("--max-seq", type=int, default=None, help="longest prompt (default: the export's)")
-    b.add_argument("--max-context", type=int, default=None, help="prompt + generated tokens (default: the export's)")
-    b.add_argument("--max-vision-tokens", type=int, default=None,
+    b.add_argument("--max-batch", type=int, default=d["max_batch"],
+                   help="largest batch (default: the export's)")
+    b.add_argument("--max-seq", type=int, default=d["max_seq"], help="longest prompt (default: the export's)")
+    b.add_argument("--max-context", type=int, default=d["max_context"],
+                   help="prompt + generated tokens (default: the export's)")
+    b.add_argument("--max-vision-tokens", type=int, default=d["max_vision_tokens"],
                    help="longest vision span to prune (default: the manifest's dart.max_span)")
-    b.add_argument("--timing-cache", type=Path, default=None, help="load and save the builder timing cache here")
-    p.add_argument("--dry-run", action="store_true", help="print the optimization profiles and exit")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    b.add_argument("--timing-cache", type=Path, default=d["timing_cache"],
+                   help="load and save the builder timing cache here")
+    p.add_argument("--dry-run", action="store_true", default=d["dry_run"],
+                   help="print the optimization profiles and exit")
+    p.add_argument("-v", "--verbose", action="store_true", default=d["verbose"],
+                   help="debug logging and tracebacks")
     a = p.parse_args(argv)
     for flag in ("workspace_mib", "max_batch", "max_seq", "max_context", "max_vision_tokens"):
         v = getattr(a, flag)
@@ -301,11 +308,9 @@ def main(argv=None) -> int:
         result = build_engines(cfg)
         if cfg.dry_run:
             print(format_profiles(result["profiles"]))
-    except (Exception, KeyboardInterrupt) as e:
-        from export.cli import report
-
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001  one line for the user, the traceback with -v
         return report(e, cfg.verbose, "trt" if isinstance(e, TrtBuildError) else None)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

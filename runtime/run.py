@@ -13,11 +13,19 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.cli import (  # noqa: F401  (this module's public names before runtime.cli)
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    Parser,
+    allow_negative_values,
+    dataclass_defaults,
+    fail,
+    one_line,
+)
 from runtime.errors import EngineError, InputError
 
 log = logging.getLogger(__name__)
@@ -52,33 +60,6 @@ class RunConfig:
 
 MAX_THREADS = 1024  # more intra-op threads than this is a typo; refused before ONNX Runtime builds a pool
 
-# What argparse should read as a value, not as an unknown flag: -5, -.5, -1e3, -inf, -Infinity, -nan.
-# argparse's own matcher misses -inf, -Infinity, -nan (r'-\.?\d' in recent 3.12 / 3.13+) and, before
-# that (r'^-\d+$|^-\d*\.\d+$'), -1e3 too.
-NEGATIVE_VALUE = re.compile(r"^-(?:\.?\d|(?:inf|infinity|nan)$)", re.IGNORECASE)
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")  # CSI sequences (colours) and 2-byte escapes
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def allow_negative_values(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make `parser` pass tokens that look like negative numbers (-1, -.5, -1e3, -inf, -nan, ...) to
-    the option before them, so `--ratio -inf` reaches the option's own check instead of failing with
-    argparse's "expected one argument". argparse reads the parser's `_negative_number_matcher` (an
-    instance attribute) in _parse_optional on Python 3.10-3.14 (3.10-3.13 tested). As in argparse, it
-    stays inactive if the parser has an option that looks like a negative number (-1), and options
-    are looked up first: a short option -i or -n would take "-inf" / "-nan" as itself + a value."""
-    parser._negative_number_matcher = NEGATIVE_VALUE
-    return parser
-
-
-def one_line(text: str) -> str:
-    """`text` as one line for a terminal: escape codes removed, other control characters (newlines,
-    a lone ESC) shown escaped, runs of whitespace collapsed."""
-    text = _ANSI.sub("", str(text))
-    text = _CONTROL.sub(lambda m: " " if m.group() in "\n\r\t" else f"\\x{ord(m.group()):02x}", text)
-    return " ".join(text.split())
-
 
 def _checked(kind, check: str):
     """An argparse type: text -> int / float -> the API's own check (runtime.sampling.<check>), so the
@@ -110,61 +91,43 @@ def _threads(text: str) -> int:
     return v
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown (except None/False, which the help text explains), epilog kept as written."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.required:
-            return action.help
-        return super()._get_help_string(action)
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line on stderr, exit code 2; negative numbers are values."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        allow_negative_values(self)
-
-    def error(self, message: str):
-        self.exit(2, f"error: {one_line(message)} (see: {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    d = dataclass_defaults(RunConfig)
+    p = Parser(
         prog="python -m runtime.run",
         description="Answer a prompt about an image with a DART-VLM engine directory (no torch needed).",
-        formatter_class=_Formatter,
         epilog=EPILOG,
     )
     io = p.add_argument_group("input")
     io.add_argument("--engine-dir", type=Path, required=True, help="engine directory written by export.build")
-    io.add_argument("--image", type=Path, default=None, help="image file (omit for a text-only prompt)")
-    io.add_argument("--prompt", required=True, help="the question; the engine's chat template is applied (a question starting "
-                                                "with '-' is written --prompt=-...)")
+    io.add_argument("--image", type=Path, default=d["image"], help="image file (omit for a text-only prompt)")
+    io.add_argument("--prompt", required=True, help="the question; the engine's chat template is applied "
+                                                    "(a question starting with '-' is written --prompt=-...)")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--ratio", type=_checked(float, "check_keep_ratio"), default=None,
+    gen.add_argument("--ratio", type=_checked(float, "check_keep_ratio"), default=d["ratio"],
                      help="DART keep ratio of vision tokens in (0, 1]; default: the engine's (manifest)")
-    gen.add_argument("--max-new-tokens", type=_checked(int, "check_max_new_tokens"), default=64,
+    gen.add_argument("--max-new-tokens", type=_checked(int, "check_max_new_tokens"),
+                     default=d["max_new_tokens"],
                      help="stop after this many tokens (or at the end-of-sequence token); capped, with a "
                           "warning, so that prompt + new tokens fit the engine's max_context")
-    gen.add_argument("--temperature", type=_checked(float, "check_temperature"), default=0.0,
+    gen.add_argument("--temperature", type=_checked(float, "check_temperature"), default=d["temperature"],
                      help="finite, >= 0; 0 = greedy")
-    gen.add_argument("--top-p", type=_checked(float, "check_top_p"), default=1.0,
+    gen.add_argument("--top-p", type=_checked(float, "check_top_p"), default=d["top_p"],
                      help="nucleus sampling mass in (0, 1] (with --temperature > 0)")
-    gen.add_argument("--seed", type=_checked(int, "check_seed"), default=None,
-                     help="sampling seed, an integer in [0, 2**63 - 1] (negative seeds are refused); same seed, "
-                          "same tokens; default: fresh randomness")
+    gen.add_argument("--seed", type=_checked(int, "check_seed"), default=d["seed"],
+                     help="sampling seed, an integer in [0, 2**63 - 1] (negative seeds are refused); same "
+                          "seed, same tokens; default: fresh randomness")
     ex = p.add_argument_group("execution")
-    ex.add_argument("--provider", choices=("cpu", "cuda", "ort-tensorrt", "tensorrt"), default="cpu",
+    ex.add_argument("--provider", choices=("cpu", "cuda", "ort-tensorrt", "tensorrt"), default=d["provider"],
                     help="cpu / cuda / ort-tensorrt: ONNX Runtime execution provider (cuda and ort-tensorrt "
                          "need onnxruntime-gpu); tensorrt: the engines built by python -m export.trt")
-    ex.add_argument("--threads", type=_threads, default=None,
+    ex.add_argument("--threads", type=_threads, default=d["threads"],
                     help="intra-op threads per stage (default: ONNX Runtime's)")
     out = p.add_argument_group("output")
-    out.add_argument("--json", action="store_true",
+    out.add_argument("--json", action="store_true", default=d["json"],
                      help="print one JSON object (token_ids, text, kept_positions, timings, keep_ratio)")
-    out.add_argument("-v", "--verbose", action="store_true", help="log progress; tracebacks on errors")
+    out.add_argument("-v", "--verbose", action="store_true", default=d["verbose"],
+                     help="log progress; tracebacks on errors")
     return p
 
 
@@ -221,13 +184,6 @@ def _silence_stdout() -> None:
         pass
 
 
-def _fail(message: str, verbose: bool, code: int = 1) -> int:
-    if verbose:
-        log.exception("failed")
-    print(f"error: {one_line(message)}", file=sys.stderr)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)  # argparse exits 2 on usage errors
     logging.basicConfig(level=logging.INFO if config.verbose else logging.WARNING, stream=sys.stderr,
@@ -235,15 +191,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print_result(config, run(config))
     except (EngineError, InputError) as exc:
-        return _fail(str(exc) or type(exc).__name__, config.verbose)
+        return fail(str(exc) or type(exc).__name__, config.verbose)
     except KeyboardInterrupt:
-        return _fail("interrupted", config.verbose, 130)
+        return fail("interrupted", config.verbose, EXIT_INTERRUPTED)
     except BrokenPipeError:  # stdout closed early (`| head`)
         _silence_stdout()
-        return _fail("output closed early (broken pipe)", config.verbose)
+        return fail("output closed early (broken pipe)", config.verbose)
     except Exception as exc:  # noqa: BLE001  a bug or a library's own error: still one line, -v shows where
-        return _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)", config.verbose)
-    return 0
+        return fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for the traceback)", config.verbose)
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from export.benchmark import DEFAULT_IMAGE, DEFAULT_PROMPT, DEFAULT_RUNTIMES, RUNTIMES, BenchConfig
-from export.cli import Parser
+from export.benchmark import RUNTIMES, BenchConfig
+from export.cli import EXIT_OK, Parser, dataclass_defaults, report
 
 log = logging.getLogger("bench")
 
@@ -53,35 +53,37 @@ def _runtimes(text: str) -> tuple[str, ...]:
 
 
 def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
-    p = Parser(prog="python scripts/bench.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    d = dataclass_defaults(BenchConfig)
+    p = Parser(prog="python scripts/bench.py", description=__doc__.split("\n")[0], epilog=EPILOG)
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
-                   help="preset or checkpoint directory (default: llava-bench, or the --engine-dir's model)")
-    m.add_argument("--engine-dir", type=Path, default=None,
+                   help=f"preset or checkpoint directory (default: {d['model']}, or the --engine-dir's "
+                        "model)")
+    m.add_argument("--engine-dir", type=Path, default=d["engine_dir"],
                    help="engine directory for the ort rows (default: engines/<model>, exported when missing)")
     r = p.add_argument_group("what to run")
-    r.add_argument("--ratios", type=_ratios, default=(1.0, 0.333, 0.222, 0.111),
-                   help="keep ratios, comma-separated; 1.0 is always added (default: 1.0,0.333,0.222,0.111)")
-    r.add_argument("--runtimes", type=_runtimes, default=DEFAULT_RUNTIMES,
+    r.add_argument("--ratios", type=_ratios, default=d["ratios"],
+                   help="keep ratios, comma-separated; 1.0 is always added")
+    r.add_argument("--runtimes", type=_runtimes, default=d["runtimes"],
                    help=f"rows to run, comma-separated, from {','.join(RUNTIMES)}; trt runs the engines of "
-                        f"python -m export.trt (needs TensorRT) (default: {','.join(DEFAULT_RUNTIMES)})")
-    r.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run, eos ignored (default: 32)")
-    r.add_argument("--repeats", type=int, default=10, help="timed runs per row (default: 10)")
-    r.add_argument("--warmup", type=int, default=1, help="untimed runs per row first (default: 1)")
-    r.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="torch and ONNX Runtime intra-op threads (default: all %(default)s logical CPUs)")
-    r.add_argument("--device", default="cpu", help="eager rows: cpu or cuda[:N] (default: cpu)")
-    r.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="eager rows (default: fp32)")
-    r.add_argument("--ort-provider", default="cpu", choices=["cpu", "cuda", "ort-tensorrt"],
-                   help="ONNX Runtime execution provider of the ort rows (cuda, ort-tensorrt need onnxruntime-gpu; "
-                        "default: cpu)")
-    r.add_argument("--ort-spin", action="store_true",
+                        "python -m export.trt (needs TensorRT)")
+    r.add_argument("--new-tokens", type=int, default=d["new_tokens"],
+                   help="tokens generated per run, eos ignored")
+    r.add_argument("--repeats", type=int, default=d["repeats"], help="timed runs per row")
+    r.add_argument("--warmup", type=int, default=d["warmup"], help="untimed runs per row first")
+    r.add_argument("--threads", type=int, default=d["threads"],
+                   help="torch and ONNX Runtime intra-op threads")
+    r.add_argument("--device", default=d["device"], help="eager rows: cpu or cuda[:N]")
+    r.add_argument("--dtype", choices=["fp32", "fp16"], default=d["dtype"], help="eager rows")
+    r.add_argument("--ort-provider", default=d["ort_provider"], choices=["cpu", "cuda", "ort-tensorrt"],
+                   help="ONNX Runtime execution provider of the ort rows (cuda, ort-tensorrt need "
+                        "onnxruntime-gpu)")
+    r.add_argument("--ort-spin", action="store_true", default=d["ort_spin"],
                    help="let ONNX Runtime's idle threads spin (its own default; off in runtime.load, "
                         "see docs/BENCHMARKS.md)")
-    r.add_argument("--prompt", default=DEFAULT_PROMPT, help="question (default: a ~25-token description request)")
-    r.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="image (default: examples/sample.png)")
-    r.add_argument("--no-profile", action="store_true",
+    r.add_argument("--prompt", default=d["prompt"], help="question")
+    r.add_argument("--image", type=Path, default=d["image"], help="image")
+    r.add_argument("--no-profile", dest="profile", action="store_false", default=d["profile"],
                    help="skip profiling DartPrune's share of the ort prefill (ONNX Runtime profiler)")
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, default=None, help="write the rows, conditions and targets as JSON")
@@ -101,16 +103,20 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
         p.error(f"--image {a.image} is not a file")
     model = a.model
     if a.engine_dir is not None and (a.engine_dir / "manifest.json").is_file():
-        engine_model = json.loads((a.engine_dir / "manifest.json").read_text()).get("model")
+        try:
+            engine_model = json.loads((a.engine_dir / "manifest.json").read_text()).get("model")
+        except (ValueError, AttributeError, OSError) as e:
+            p.error(f"--engine-dir {a.engine_dir}: manifest.json is not readable ({type(e).__name__}: {e}); "
+                    "re-export the engine directory")
         if model is None:
             model = engine_model
     elif a.engine_dir is not None and a.engine_dir.exists() and any(a.engine_dir.iterdir()):
         p.error(f"--engine-dir {a.engine_dir} exists but holds no manifest.json (not an engine directory)")
     cfg = BenchConfig(
-        model=model or "llava-bench", engine_dir=a.engine_dir, ratios=a.ratios, runtimes=a.runtimes,
+        model=model or d["model"], engine_dir=a.engine_dir, ratios=a.ratios, runtimes=a.runtimes,
         new_tokens=a.new_tokens, repeats=a.repeats, warmup=a.warmup, threads=a.threads, device=a.device,
         dtype=a.dtype, ort_provider=a.ort_provider, ort_spin=a.ort_spin, prompt=a.prompt, image=a.image,
-        profile=not a.no_profile,
+        profile=a.profile,
     )
     return cfg, a
 
@@ -156,11 +162,9 @@ def main(argv=None) -> int:
         if args.plot:
             _write_atomic(args.plot, lambda p: bench_report.write_plot(rows, meta, p))
             log.info("bench: wrote %s", args.plot)
-    except (Exception, KeyboardInterrupt) as e:
-        from export.cli import report
-
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001  one line for the user, the traceback with -v
         return report(e, args.verbose)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""End to end on llava-tiny: `export.build` -> engine directory -> torch-free runtime (ONNX
-Runtime, CPU, fp32), against Hugging Face generate and the eager DART path on the same checkpoint."""
+"""End to end on every registered family's tiny preset (llava-tiny today): `export.build` -> engine
+directory -> torch-free runtime (ONNX Runtime, CPU, fp32), against Hugging Face generate and the eager
+DART path on the same checkpoint. The parity tests are parametrized over the family registry, so a new
+family gets them without editing this file (tests/test_export.py checks each family has a tiny preset)."""
 
 import json
 import os
@@ -15,11 +17,26 @@ import torch
 import runtime
 from dart_ops.eager import EagerDart
 from dart_ops.spec import DartConfig
+from export import families
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.png"
-MODEL = "llava-tiny"
+QUESTION = "What is shown in this picture, and why?"
 N_NEW = 24
+TINY_PRESETS = [f"{name}-tiny" for name in sorted(families.families())]  # each family's tiny preset
+
+
+@pytest.fixture(scope="module", params=TINY_PRESETS)
+def tiny_engine(request, tiny_engine, tmp_path_factory):
+    """(engine_dir, manifest) of one family's tiny preset: llava-tiny is the session's export
+    (conftest), another family's is exported here, once per module."""
+    if request.param == tiny_engine[1]["model"]:
+        return tiny_engine
+    from export.build import build, parse_args
+
+    out = tmp_path_factory.mktemp("engines") / request.param
+    build(parse_args(["--model", request.param, "--out", str(out)]))
+    return out, json.loads((out / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +46,9 @@ def pipe(tiny_engine):
 
 @pytest.fixture(scope="module")
 def checkpoint_model(tiny_engine):
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(tiny_engine[0] / "checkpoint").eval()
+    """The exported checkpoint, loaded back by its own family (eval mode, fp32)."""
+    checkpoint = str(tiny_engine[0] / "checkpoint")
+    return families.resolve(checkpoint).load(checkpoint, torch.float32).model
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +60,25 @@ def inputs(tiny_engine):
 
     _, manifest = tiny_engine
     processor = AutoProcessor.from_pretrained(tiny_engine[0] / "checkpoint")
-    text = manifest["prompt"]["template"].format(prompt="What is shown in this picture, and why?")
+    text = manifest["prompt"]["template"].format(prompt=QUESTION)
     ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
-    image_id = manifest["tokens"]["image_token_id"]
+    image_id, n_vision = manifest["tokens"]["image_token_id"], manifest["tokens"]["image_seq_len"]
     at = int((ids[0] == image_id).nonzero()[0])
-    ids = torch.cat([ids[:, :at], torch.full((1, 576), image_id), ids[:, at + 1:]], 1)
+    ids = torch.cat([ids[:, :at], torch.full((1, n_vision), image_id), ids[:, at + 1:]], 1)
     pixels = preprocess(str(SAMPLE), manifest["preprocess"])
     return ids, pixels
 
 
-def test_runtime_prompt_matches_hf_processor(pipe, inputs, tiny_engine):
-    """The runtime's own template + tokenizer + image-token expansion give the HF ids."""
-    ids, _ = inputs
-    out = pipe.generate(prompt="What is shown in this picture, and why?", image=SAMPLE, max_new_tokens=1)
-    assert out.timings["prompt_tokens"] == ids.shape[1]
+def test_runtime_prompt_matches_hf_processor(pipe, inputs):
+    """The runtime's own template + tokenizer + image-token expansion give the HF ids, id for id, and
+    answering from the text is answering from those ids."""
+    ids, pixels = inputs
+    assert pipe.prompt.encode(QUESTION, with_image=True) == ids[0].tolist()
+    from_text = pipe.generate(prompt=QUESTION, image=SAMPLE, max_new_tokens=4)
+    from_ids = pipe.generate(input_ids=ids.numpy(), pixel_values=pixels, max_new_tokens=4)
+    assert from_text.timings["prompt_tokens"] == ids.shape[1]
+    assert from_text.token_ids == from_ids.token_ids and from_text.kept_positions == from_ids.kept_positions
+    np.testing.assert_array_equal(from_text.first_logits, from_ids.first_logits)
 
 
 def test_unpruned_equals_hf_generate(pipe, checkpoint_model, inputs):
@@ -73,7 +95,7 @@ def test_unpruned_equals_hf_generate(pipe, checkpoint_model, inputs):
 
 
 @pytest.mark.parametrize("ratio", [0.333, 0.222, 0.111])
-def test_pruned_equals_eager_dart(pipe, checkpoint_model, inputs, ratio):
+def test_pruned_equals_eager_dart(pipe, checkpoint_model, inputs, ratio, tiny_engine):
     ids, pixels = inputs
     eager = EagerDart(checkpoint_model, DartConfig(keep_ratio=ratio))
     want = eager.generate(ids, torch.from_numpy(pixels), max_new_tokens=N_NEW,
@@ -84,16 +106,29 @@ def test_pruned_equals_eager_dart(pipe, checkpoint_model, inputs, ratio):
     assert out.kept_positions == want.kept_positions
     assert out.token_ids == want.token_ids
     np.testing.assert_allclose(out.first_logits, want.first_logits[0].numpy(), atol=1e-4, rtol=1e-4)
-    counts = DartConfig(keep_ratio=ratio).counts(576, ids.shape[1] - 576 - int((ids[0] == 1023).nonzero()[0]))
+    L, a = _vision_span(ids, tiny_engine[1])
+    counts = DartConfig(keep_ratio=ratio).counts(L, ids.shape[1] - L - a)
     assert len(out.kept_positions) == counts.kept_len(ids.shape[1])
 
 
-def test_one_directory_serves_every_ratio(pipe, inputs):
+def _vision_span(ids, manifest) -> tuple[int, int]:
+    """(length, start) of the image tokens in `ids`."""
+    at = (ids[0] == manifest["tokens"]["image_token_id"]).nonzero()
+    return len(at), int(at[0])
+
+
+def test_one_directory_serves_every_ratio(pipe, inputs, tiny_engine):
     ids, pixels = inputs
     kept = {r: len(pipe.generate(input_ids=ids.numpy(), pixel_values=pixels, keep_ratio=r, max_new_tokens=1)
                    .kept_positions) for r in (1.0, 0.333, 0.111)}
-    S = ids.shape[1]
-    assert kept == {1.0: S, 0.333: S - 576 + 196, 0.111: S - 576 + 68}
+    S, (L, _) = ids.shape[1], _vision_span(ids, tiny_engine[1])
+    d = tiny_engine[1]["dart"]
+    pi, P = d["pivots_image"], d["pivots_image"] + d["pivots_text"]
+    # kept vision tokens: the image pivots + P pivots x round(r * L) // P tokens each
+    want = {1.0: S, **{r: S - L + pi + P * (round(r * L) // P) for r in (0.333, 0.111)}}
+    assert kept == want
+    if tiny_engine[1]["family"] == "llava":  # LLaVA-1.5: 196 and 68 of the 576 vision tokens
+        assert want == {1.0: S, 0.333: S - 576 + 196, 0.111: S - 576 + 68}
 
 
 def test_text_only_prompt_is_not_pruned(pipe):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from conftest import open_golden
 from dart_ops import onnx_op
 from dart_ops.reference import select_keep
 from dart_ops.spec import MAX_SPAN, OP_DOMAIN, OP_NAME, effective_counts
@@ -23,7 +24,7 @@ FORBIDDEN = {"NonZero", "Loop", "If", "Scan"}
 
 @pytest.fixture(scope="module")
 def golden():
-    with np.load(GOLDEN, allow_pickle=False) as d:
+    with open_golden(GOLDEN) as d:  # format checked (conftest.py)
         return {k: d[k] for k in d.files}
 
 
