@@ -1,18 +1,21 @@
 """The decoder with DART at layer K: one implementation, run eagerly and exported to ONNX.
 
-`DartDecoder` wraps a Hugging Face Llama-family decoder stack (its layers, rotary embedding, final
-norm) and the LM head. It calls the layers itself with explicit position embeddings, an explicit
-additive causal mask and plain KV tensors (a tiny cache stand-in with an `update()` method), so
-the same module traces into one ONNX graph that serves prefill and decode:
+`DartDecoder` runs a Hugging Face decoder stack (Llama, Mistral, Qwen2, Qwen2-VL's M-RoPE text
+model: whatever dart_ops.text_adapter has an adapter for) and the LM head. It calls the layers
+itself with explicit position embeddings, an explicit additive causal mask and plain KV tensors
+(a tiny cache stand-in with an `update()` method), so the same module traces into one ONNX graph
+that serves prefill and decode:
 
-    inputs:  inputs_embeds (B, S, D), position_ids (B, S), span_start, span_len, quota (int64 []),
+    inputs:  inputs_embeds (B, S, D), position_ids (B, S) or (3, B, S) as the adapter declares,
+             span_start, span_len, quota (int64 []),
              past KV of layers < K (B, Hkv, P_full, dh) and of layers >= K (B, Hkv, P_kept, dh)
     outputs: logits of the last token (B, V), present KV (same two groups), kept positions (B, S')
 
 At the input of layer K, `torch.ops.dart.prune` picks the kept tokens from layer K-1's output
-(through the final RMSNorm) and its post-RoPE keys; hidden states, position embeddings and
-position ids are gathered, so kept tokens keep their original positions. span_len 0 keeps all
-tokens, which is how decode steps (and unpruned prompts) run through the same graph.
+(through the final RMSNorm) and its post-RoPE keys; hidden states and position embeddings are
+gathered, so kept tokens keep their original positions. span_len 0 keeps all tokens, which is how
+decode steps (and unpruned prompts) run through the same graph. Everything model-specific (which
+modules, the rotary of the position layout, how a cache is passed) goes through the adapter.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 import dart_ops.torch_op  # noqa: F401  (registers torch.ops.dart.prune)
+from dart_ops.text_adapter import TextAdapter, for_model
 
 
 class _KVStandIn:
@@ -54,29 +58,35 @@ def causal_mask(q_len: int, past_len: int, dtype: torch.dtype, device) -> torch.
 
 
 class DartDecoder(nn.Module):
-    """Decoder layers + final norm + LM head of a Llama-family model, with DART at layer K.
+    """Decoder layers + final norm + LM head of a HF text model, with DART at layer K.
 
-    text_model: the HF decoder stack (e.g. LlamaModel: .layers, .norm, .rotary_emb).
-    lm_head:    the output projection.
-    layer:      K, where pruning happens (layers < K see all S tokens, layers >= K see S').
+    text:    a TextAdapter (what a family supplies), or the HF decoder stack itself (e.g.
+             LlamaModel: .layers, .norm, .rotary_emb), adapted by its config's model_type.
+    lm_head: the output projection; needed only with a bare stack (an adapter carries its own).
+    layer:   K, where pruning happens (layers < K see all S tokens, layers >= K see S').
     """
 
     def __init__(
         self,
-        text_model: nn.Module,
-        lm_head: nn.Module,
+        text: TextAdapter | nn.Module,
+        lm_head: nn.Module | None = None,
         layer: int = 2,
         pivots_image: int = 4,
         pivots_text: int = 4,
     ):
         super().__init__()
-        n_layers = len(text_model.layers)
+        if not isinstance(text, TextAdapter):
+            if lm_head is None:
+                raise TypeError("DartDecoder needs lm_head with a bare text model (or pass a TextAdapter)")
+            text = for_model(text, lm_head)
+        n_layers = len(text.layers)
         if not 1 <= layer <= n_layers - 1:
             raise ValueError(f"DART layer K={layer} must be in [1, {n_layers - 1}] for {n_layers} layers")
-        self.layers = text_model.layers
-        self.norm = text_model.norm
-        self.rotary_emb = text_model.rotary_emb
-        self.lm_head = lm_head
+        self.text = text  # a plain object; its modules are registered here, under the names below
+        self.layers = text.layers
+        self.norm = text.norm
+        self.rotary_emb = text.rotary_emb
+        self.lm_head = text.lm_head
         self.layer = layer
         self.pivots_image = pivots_image
         self.pivots_text = pivots_text
@@ -89,62 +99,58 @@ class DartDecoder(nn.Module):
         """The additive causal mask, or None where SDPA's own causal path is exact and faster: an
         eager (not exported) run with SDPA attention and either no past (prefill: queries and keys
         are the same tokens, in order, also after pruning) or one query (a decode step)."""
-        impl = getattr(self.layers[0].self_attn.config, "_attn_implementation", "eager")
-        if (impl == "sdpa" and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
-                and isinstance(q_len, int) and isinstance(past_len, int) and (past_len == 0 or q_len == 1)):
+        if (self.text.attn_implementation == "sdpa" and not torch.compiler.is_exporting()
+                and not torch.jit.is_tracing() and isinstance(q_len, int) and isinstance(past_len, int)
+                and (past_len == 0 or q_len == 1)):
             return None
         return causal_mask(q_len, past_len, dtype, device)
 
     def _run_layers(self, h, cos_sin, mask, layers, cache):
         for layer in layers:
-            h = layer(h, attention_mask=mask, past_key_values=cache, position_embeddings=cos_sin)
+            h = self.text.run_layer(layer, h, mask, cache, cos_sin)
         return h
 
     def forward(
         self,
         inputs_embeds: torch.Tensor,  # (B, S, D)
-        position_ids: torch.Tensor,  # (B, S) int64
+        position_ids: torch.Tensor,  # (B, S) or (3, B, S) int64, the adapter's layout
         span_start: torch.Tensor,  # () int64
         span_len: torch.Tensor,  # () int64; 0 = keep all tokens
         quota: torch.Tensor,  # () int64, T tokens per pivot
         past_low: list[tuple[torch.Tensor, torch.Tensor]],  # K x (B, Hkv, P_full, dh)
         past_high: list[tuple[torch.Tensor, torch.Tensor]],  # (N-K) x (B, Hkv, P_kept, dh)
     ):
-        K = self.layer
+        K, text = self.layer, self.text
         h = inputs_embeds
-        B, S, _ = h.shape
-        cos, sin = self.rotary_emb(h, position_ids)  # (B, S, dh) each
+        S = h.shape[1]
+        cos_sin = text.rotary(h, position_ids)  # (cos, sin), (B, S, dh) each
 
         low = _KVStandIn(past_low, 0)
         mask = self._mask(S, past_low[0][0].shape[2], h.dtype, h.device)
-        h = self._run_layers(h, (cos, sin), mask, self.layers[:K], low)
+        h = self._run_layers(h, cos_sin, mask, self.layers[:K], low)
 
         # DART at the input of layer K: pivots and duplication from layer K-1's states.
-        keys = low.new_keys[K - 1]  # (B, Hkv, S, dh)
-        keys = keys.transpose(1, 2).reshape(B, S, -1)  # (B, S, Hkv * dh)
+        keys = text.scoring_keys(low.new_keys[K - 1])  # (B, S, Hkv * dh)
         # The last prompt token predicts the next one, so it is never pruned.
         span_len = torch.clamp(torch.minimum(span_len, S - 1 - span_start), min=0)
         keep = torch.ops.dart.prune(
             self.norm(h), keys, span_start, span_len, quota, self.pivots_image, self.pivots_text
         )  # (B, S')
-        idx = keep.unsqueeze(-1)  # (B, S', 1)
-        h = torch.gather(h, 1, idx.expand(-1, -1, h.shape[-1]))  # (B, S', D)
-        cos = torch.gather(cos, 1, idx.expand(-1, -1, cos.shape[-1]))
-        sin = torch.gather(sin, 1, idx.expand(-1, -1, sin.shape[-1]))
-        kept_positions = torch.gather(position_ids, 1, keep)  # (B, S')
+        h = torch.gather(h, 1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, S', D)
+        cos_sin = text.gather_positions(cos_sin, keep)  # (B, S', dh) each, original positions
+        kept_positions = text.kept_positions(position_ids, keep)  # (B, S')
 
         high = _KVStandIn(past_high, K)
         mask = self._mask(h.shape[1], past_high[0][0].shape[2], h.dtype, h.device)
-        h = self._run_layers(h, (cos, sin), mask, self.layers[K:], high)
+        h = self._run_layers(h, cos_sin, mask, self.layers[K:], high)
 
         logits = self.lm_head(self.norm(h[:, -1]))  # (B, V)
         return logits, low.present, high.present, kept_positions
 
     def empty_past(self, batch: int, dtype: torch.dtype, device=None):
         """Zero-length past KV for both groups (what a prefill step passes)."""
-        attn = self.layers[0].self_attn
-        n_kv = attn.k_proj.out_features // attn.head_dim
-        empty = lambda: torch.zeros(batch, n_kv, 0, attn.head_dim, dtype=dtype, device=device)  # noqa: E731
+        d = self.text.dims
+        empty = lambda: torch.zeros(batch, d.kv_heads, 0, d.head_dim, dtype=dtype, device=device)
         low = [(empty(), empty()) for _ in range(self.layer)]
         high = [(empty(), empty()) for _ in range(self.num_layers - self.layer)]
         return low, high

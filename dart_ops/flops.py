@@ -1,4 +1,4 @@
-"""Analytic FLOP model of a LLaVA-style prefill, and the speed-up limit of a DART keep ratio.
+"""Analytic FLOP model of a VLM prefill, and the speed-up limit of a DART keep ratio.
 
 Stdlib only. Conventions (state them with every number you quote):
 - Only matrix products are counted; a multiply-add is 2 FLOPs, so (m, k) @ (k, n) = 2*m*k*n.
@@ -14,7 +14,11 @@ Stdlib only. Conventions (state them with every number you quote):
   keys); the LM head runs on the last token only. DART's own selection (pivot-vs-token cosine
   similarities) is counted as `dart`.
 
-    shape = ModelShape.from_llava_config(hf_config.to_dict())
+The shapes are plain numbers: `TextShape.from_config` reads any Hugging Face decoder config
+(Llama, Mistral, Qwen2, Qwen2-VL's text config: the standard keys), `VisionShape` describes a
+CLIP-style tower + projector (`VisionShape.from_llava_config` reads LLaVA's). A family combines them:
+
+    shape = ModelShape.from_llava_config(hf_config.to_dict())  # = ModelShape(vision, text) for LLaVA
     limit = speedup_limit(shape, seq=633, span_start=5, span_len=576, dart=DartConfig(keep_ratio=0.111))
 """
 
@@ -52,6 +56,24 @@ class VisionShape:
     def projector_tokens(self) -> int:
         return self.patches + (1 if self.cls_token and self.keep_cls else 0)
 
+    @classmethod
+    def from_llava_config(cls, config: dict) -> VisionShape:
+        """The tower + projector of a LlavaConfig as a dict (`config.to_dict()` or a config.json)."""
+        v, t = config["vision_config"], config["text_config"]
+        n_vis = v["num_hidden_layers"]
+        feature = config.get("vision_feature_layer")
+        feature = -2 if feature is None else feature
+        n_features = len(feature) if isinstance(feature, (list, tuple)) else 1
+        if isinstance(feature, (list, tuple)):  # several layers concatenated: the deepest decides
+            feature = max(f if f >= 0 else n_vis + 1 + f for f in feature)
+        used = feature if feature >= 0 else n_vis + 1 + feature  # hidden_states[i] = after layer i
+        return cls(
+            image_size=v["image_size"], patch_size=v["patch_size"], hidden=v["hidden_size"],
+            intermediate=v["intermediate_size"], layers=used, out_hidden=t["hidden_size"],
+            channels=v.get("num_channels", 3), cls_token=True,
+            keep_cls=config.get("vision_feature_select_strategy") == "full", feature_layers=n_features,
+        )
+
 
 @dataclass(frozen=True)
 class TextShape:
@@ -65,6 +87,19 @@ class TextShape:
     head_dim: int
     vocab: int
 
+    @classmethod
+    def from_config(cls, config: dict) -> TextShape:
+        """From a Hugging Face decoder config as a dict (the standard keys every Llama-style model
+        type has: Llama, Mistral, Qwen2, Qwen2-VL's text config). num_key_value_heads defaults to
+        the attention heads (MHA), head_dim to hidden_size // heads."""
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden=config["hidden_size"], intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"], heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads, vocab=config["vocab_size"],
+        )
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -72,30 +107,10 @@ class ModelShape:
     text: TextShape
 
     @classmethod
-    def from_llava_config(cls, config: dict) -> "ModelShape":
+    def from_llava_config(cls, config: dict) -> ModelShape:
         """From a LlavaConfig as a dict (`config.to_dict()` or a checkpoint's config.json)."""
-        v, t = config["vision_config"], config["text_config"]
-        n_vis = v["num_hidden_layers"]
-        feature = config.get("vision_feature_layer")
-        feature = -2 if feature is None else feature
-        n_features = len(feature) if isinstance(feature, (list, tuple)) else 1
-        if isinstance(feature, (list, tuple)):  # several layers concatenated: the deepest decides
-            feature = max(f if f >= 0 else n_vis + 1 + f for f in feature)
-        used = feature if feature >= 0 else n_vis + 1 + feature  # hidden_states[i] = after layer i
-        heads = t["num_attention_heads"]
-        return cls(
-            vision=VisionShape(
-                image_size=v["image_size"], patch_size=v["patch_size"], hidden=v["hidden_size"],
-                intermediate=v["intermediate_size"], layers=used, out_hidden=t["hidden_size"],
-                channels=v.get("num_channels", 3), cls_token=True,
-                keep_cls=config.get("vision_feature_select_strategy") == "full", feature_layers=n_features,
-            ),
-            text=TextShape(
-                hidden=t["hidden_size"], intermediate=t["intermediate_size"], layers=t["num_hidden_layers"],
-                heads=heads, kv_heads=t.get("num_key_value_heads") or heads,
-                head_dim=t.get("head_dim") or t["hidden_size"] // heads, vocab=t["vocab_size"],
-            ),
-        )
+        text = TextShape.from_config(config["text_config"])
+        return cls(vision=VisionShape.from_llava_config(config), text=text)
 
 
 def _mm(m: int, k: int, n: int) -> int:

@@ -217,3 +217,23 @@ def cpython_set_order(values: Sequence[int]) -> list[int]:
                 if key is not None:
                     table[_probe(table, size - 1, key)] = key
     return [k for k in table if k is not None]
+
+
+# --- the vision span of a prompt -----------------------------------------------------------------
+
+
+def find_span(ids: Sequence[int], token_id: int) -> tuple[int, int]:
+    """(start, length) of the run of `token_id` in `ids`; (0, 0) when there is none.
+
+    The one rule for where DART's vision span is (the eager baseline and the runtime both use it):
+    the image tokens must form one contiguous run (one image per prompt), else ValueError.
+    `ids` may be any sequence of ints (a list, a numpy array's rows flattened by iteration).
+    """
+    where = [i for i, t in enumerate(ids) if int(t) == token_id]
+    if not where:
+        return 0, 0
+    start, length = where[0], len(where)
+    if where[-1] - start + 1 != length:
+        raise ValueError(f"the prompt's {length} image tokens (id {token_id}) are not one contiguous "
+                         "run; give one image with one image token")
+    return start, length
