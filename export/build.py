@@ -137,6 +137,10 @@ def build(cfg: BuildConfig) -> dict:
         if not 1 <= cfg.dart.layer < n_layers:
             raise BuildError(f"--layer {cfg.dart.layer} must be in [1, {n_layers - 1}] for this {n_layers}-layer decoder")
         modules = loaded.family.stage_modules(loaded, cfg.dart)
+        window = modules["decoder"].decoder.text.sliding_window
+        if window is not None and cfg.max_context > window:
+            raise BuildError(f"--max-context {cfg.max_context} exceeds this decoder's sliding attention window "
+                             f"{window}; the exported attention has no window, so use --max-context <= {window}")
         dims = stages.decoder_dims(modules["decoder"])
         sizes = stages.dart_sizes(modules["decoder"], loaded.image_seq_len)
         axes = declare(cfg.max_batch, cfg.max_seq, cfg.max_context, loaded.image_seq_len)

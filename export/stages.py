@@ -128,14 +128,9 @@ def set_metadata(model: onnx.ModelProto, props: dict) -> None:
 
 
 def decoder_dims(flat) -> dict:
-    attn = flat.decoder.layers[0].self_attn
-    return {
-        "num_layers": flat.decoder.num_layers,
-        "num_kv_heads": attn.k_proj.out_features // attn.head_dim,
-        "head_dim": attn.head_dim,
-        "hidden_size": flat.decoder.norm.weight.shape[0],
-        "vocab_size": flat.decoder.lm_head.out_features,
-    }
+    """The manifest's "decoder" sizes, from the family's text adapter (HF config, checked against
+    the modules)."""
+    return flat.decoder.text.kv_dims()
 
 
 def timed(stage: str, fn, *args):

@@ -13,27 +13,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from tokenizers import Tokenizer
 
+from dart_ops import spec
 from runtime.errors import EngineError, InputError
 from runtime.manifest import PromptSpec, TokenSpec, check_template
 
 
 def find_span(ids: Sequence[int], image_token_id: int) -> tuple[int, int]:
-    """(start, length) of the run of image tokens in `ids`; (0, 0) when there is none.
-
-    Raises InputError when the image tokens are not one contiguous run (two images, or text
-    between vision tokens): the engines take one image.
-    """
-    where = np.flatnonzero(np.asarray(ids, dtype=np.int64) == image_token_id)
-    if where.size == 0:
-        return 0, 0
-    start, length = int(where[0]), int(where.size)
-    if int(where[-1]) - start + 1 != length:
-        raise InputError(f"the prompt's {length} image tokens (id {image_token_id}) are not one contiguous "
-                         "run; give one image with one image token")
-    return start, length
+    """(start, length) of the run of image tokens in `ids`; (0, 0) when there is none
+    (dart_ops.spec.find_span, the rule the eager baseline uses too). InputError when the image
+    tokens are not one contiguous run (two images, or text between vision tokens)."""
+    try:
+        return spec.find_span(ids, image_token_id)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def expand_image_tokens(ids: Sequence[int], image_token_id: int, image_seq_len: int) -> list[int]:

@@ -56,6 +56,18 @@ class Family:
         """{"vision_encoder": module, "embed_tokens": module, "decoder": FlatDecoder}."""
         raise NotImplementedError
 
+    def text_adapter(self, hf):
+        """dart_ops.text_adapter.TextAdapter of the HF model's language model (DartDecoder's view)."""
+        raise NotImplementedError
+
+    def eager(self, hf, dart):
+        """The eager DART baseline (dart_ops.eager.EagerDart) for the HF model."""
+        raise NotImplementedError
+
+    def flop_shape(self, config: dict):
+        """dart_ops.flops.ModelShape from the checkpoint's config.json (the benchmark's FLOP model)."""
+        raise NotImplementedError
+
 
 def register(family: Family) -> Family:
     if family.name in _FAMILIES:
