@@ -11,7 +11,7 @@ get_image_features, so any family with an adapter runs here.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,7 +118,7 @@ class EagerDart:
         `image_kwargs` go to get_image_features (e.g. Qwen2-VL's image_grid_thw)."""
         cfg = self.config
         if keep_ratio is not None:
-            cfg = replace(cfg, keep_ratio=keep_ratio, budget=None)
+            cfg = cfg.with_ratio(keep_ratio)
         B, S = input_ids.shape
         self._check_context(S, max_new_tokens)
         a, L = find_image_span(input_ids, self.image_token_id)

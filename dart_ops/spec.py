@@ -14,6 +14,7 @@ Kept vision tokens = P_img + P * T, kept sequence S' = S - L + P_img + P * T.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -98,9 +99,9 @@ class DartConfig:
 
     Exactly one of `keep_ratio` (fraction of vision tokens, in (0, 1]) and `budget` (absolute
     number of harvested tokens) sets how much is kept; a ratio of 1.0 means no pruning.
-    `order` is the pivot visiting order: "canonical" (image pivots by descending score, then text
-    pivots by descending score; what the graphs do) or "cpython" (the original code's Python set
-    iteration order; reference only).
+    Pivots are visited in canonical order (image pivots by descending score, then text pivots),
+    as the graphs do; the reference's `select_keep(order="cpython")` reproduces the original code's
+    Python-set order for the golden checks.
     """
 
     layer: int = 2
@@ -108,7 +109,6 @@ class DartConfig:
     pivots_text: int = 4
     keep_ratio: float | None = 0.111
     budget: int | None = None
-    order: str = "canonical"
 
     def __post_init__(self) -> None:
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
@@ -137,12 +137,14 @@ class DartConfig:
             b = self.budget
             if isinstance(b, bool) or not isinstance(b, int) or b < 0:
                 raise ValueError(f"budget must be an integer >= 0, got {b!r}")
-        if self.order not in PIVOT_ORDERS:
-            raise ValueError(f"order must be one of {PIVOT_ORDERS}, got {self.order!r}")
 
     @property
     def pivots(self) -> int:
         return self.pivots_image + self.pivots_text
+
+    def with_ratio(self, keep_ratio: float) -> "DartConfig":
+        """The same layer and pivots with another keep ratio (validated like the constructor)."""
+        return dataclasses.replace(self, keep_ratio=keep_ratio, budget=None)
 
     def budget_for(self, span_len: int) -> int:
         """Harvest budget for `span_len` vision tokens: round(ratio * L) (halves up) or `budget`."""

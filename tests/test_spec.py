@@ -73,7 +73,6 @@ def test_no_pivot_at_all_keeps_everything():
         (dict(pivots_image=9, pivots_text=8), "<= 16"),
         (dict(keep_ratio=0.5, budget=10), "exactly one"),
         (dict(keep_ratio=None, budget=-3), "budget"),
-        (dict(order="python"), "order"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -93,3 +92,11 @@ def test_cpython_set_order_matches_real_sets():
         hi = rng.choice([20, 700, 5000])
         values = [rng.randrange(hi) for _ in range(n)]
         assert cpython_set_order(values) == list(set(values)), values
+
+
+def test_with_ratio_keeps_layer_and_pivots_and_validates():
+    cfg = DartConfig(layer=3, pivots_image=2, pivots_text=6, keep_ratio=None, budget=40)
+    other = cfg.with_ratio(0.25)
+    assert (other.layer, other.pivots_image, other.pivots_text, other.keep_ratio, other.budget) == (3, 2, 6, 0.25, None)
+    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
+        cfg.with_ratio(1.5)
