@@ -88,14 +88,18 @@ class _Recorder:
 
 
 class OrtRunner:
-    def __init__(self, engine_dir: Path, provider: str, threads: int, spin: bool = False):
+    """The engine through the runtime. kv_binding: the decode loop keeps the KV cache with the
+    decoder (IOBinding / TensorRT device buffers) or copies it through numpy; switchable between
+    runs on the same loaded engine (`self.pipe.kv_binding`)."""
+
+    def __init__(self, engine_dir: Path, provider: str, threads: int, spin: bool = False, kv_binding: bool = True):
         import runtime
 
         self.engine_dir = engine_dir
         self.threads = threads
         self.provider = provider
         self.spin = spin
-        self.pipe = runtime.load(engine_dir, providers=[provider], threads=threads, spin=spin)
+        self.pipe = runtime.load(engine_dir, providers=[provider], threads=threads, spin=spin, kv_binding=kv_binding)
 
     def run(self, ids, pixels, ratio: float, n: int, record: bool = False):
         recorder = None

@@ -17,6 +17,10 @@ Figures per row (median over `repeats` runs after `warmup` runs, with min and ma
                  the row and its rise over the RSS at the row's start; peak_gpu_bytes on CUDA.
 Speed-ups: prefill_ms at 1.0 / prefill_ms at r within a runtime, next to the FLOP-model limit
 (dart_ops.flops.speedup_limit) and their quotient.
+
+kv_binding_ab (BenchConfig.kv_binding_ab, or called alone): decode tokens/s of the engine with the
+KV cache kept with the decoder between decode steps and with the numpy round trip, interleaved on
+one loaded engine.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ class BenchConfig:
     prompt: str = DEFAULT_PROMPT
     image: Path = DEFAULT_IMAGE
     profile: bool = True  # DartPrune's share of ORT prefill (ORT profiler), per pruned ratio
+    kv_binding: bool = True  # engine rows: KV stays with the decoder between decode steps (runtime.load)
+    kv_binding_ab: bool = False  # also time decode with and without kv_binding, interleaved (kv_binding_ab)
     dart: DartConfig = field(default_factory=lambda: DartConfig(keep_ratio=0.111))
 
 
@@ -312,7 +318,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
                     eager = eager_model = None  # the torch model is not needed any more
                     gc.collect()
                 provider = "tensorrt" if rt == "trt" else cfg.ort_provider
-                engine_runners[rt] = OrtRunner(engine_dir, provider, cfg.threads, cfg.ort_spin)
+                engine_runners[rt] = OrtRunner(engine_dir, provider, cfg.threads, cfg.ort_spin, cfg.kv_binding)
             ort_runner = engine_runners[rt]
             call = lambda runner=ort_runner, ratio=ratio: runner.run(ids, pixels, ratio, cfg.new_tokens)  # noqa: E731
         runs = []
@@ -368,12 +374,81 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
                 prompt_tokens=S, vision_tokens=L, span_start=a, new_tokens=cfg.new_tokens,
                 repeats=cfg.repeats, warmup=cfg.warmup, dart=asdict(src.dart), shape=asdict(shape),
                 flops_full=flops.prefill_flops(shape, S, None, src.dart.layer)["total"],
-                peak_rss_scope="row" if rss_per_row else "process", ort_spin=cfg.ort_spin)
+                peak_rss_scope="row" if rss_per_row else "process", ort_spin=cfg.ort_spin,
+                kv_binding=cfg.kv_binding)
+    if cfg.kv_binding_ab and engine_runners:
+        runner = engine_runners.get("trt") or engine_runners["ort"]
+        meta["kv_binding_ab"] = kv_binding_ab(cfg, runner=runner, progress=progress)
     return rows, meta
 
 
 def total_runs(cfg: BenchConfig) -> int:
-    return len(plan(cfg)) * (cfg.warmup + cfg.repeats)
+    ab = 2 * len(cfg.ratios) * (cfg.warmup + cfg.repeats) if cfg.kv_binding_ab else 0
+    return len(plan(cfg)) * (cfg.warmup + cfg.repeats) + ab
+
+
+def kv_binding_ab(cfg: BenchConfig, runner: OrtRunner | None = None, progress=None) -> dict:
+    """Decode tokens/s with the KV cache kept with the decoder between decode steps (ONNX Runtime
+    IOBinding, TensorRT device buffers: Pipeline.kv_binding) and with the numpy round trip, on ONE
+    loaded engine (the same sessions) in one process. Per keep ratio in cfg.ratios, cfg.warmup +
+    cfg.repeats pairs of generate calls of cfg.new_tokens tokens (eos ignored), the two variants
+    alternating and their order swapped every pair, so other load on the machine and drift hit
+    both alike. `runner`: the engine rows' runner (default: a new one on cfg.ort_provider, the
+    engine exported first when missing). Raises BenchError when the variants' tokens differ.
+
+    Returns {"runtime", "provider", "new_tokens", "pairs", "rows": [per ratio: keep_ratio,
+    prompt_tokens, kept_tokens, kv_bytes, decode_tok_s {"bound", "numpy"} medians with
+    spread [min, max], speedup (median / median), pair_speedup (median of the per-pair ratios) with
+    pair_spread]}."""
+    from runtime.preprocess import preprocess
+
+    if runner is None:
+        runner = OrtRunner(ensure_engine(cfg), cfg.ort_provider, cfg.threads, cfg.ort_spin)
+    pipe = runner.pipe
+    ids = pipe.prompt.encode(cfg.prompt, with_image=True)
+    pixels = preprocess(cfg.image, pipe.manifest.preprocess)
+    rows = []
+    try:
+        for ratio in cfg.ratios:
+            rows.append(_ab_ratio(cfg, pipe, ids, pixels, ratio, progress))
+    finally:
+        pipe.kv_binding = cfg.kv_binding
+    result = {"runtime": "trt" if runner.provider == "tensorrt" else "ort", "provider": runner.provider,
+              "new_tokens": cfg.new_tokens, "pairs": cfg.repeats, "warmup_pairs": cfg.warmup, "rows": rows}
+    for r in rows:
+        d = r["decode_tok_s"]
+        log.info("bench: decode at keep %g: %.1f tok/s with the KV bound, %.1f through numpy (x%.3f, per pair "
+                 "x%.3f)", r["keep_ratio"], d["bound"], d["numpy"], r["speedup"], r["pair_speedup"])
+    return result
+
+
+def _ab_ratio(cfg: BenchConfig, pipe, ids: list[int], pixels: np.ndarray, ratio: float, progress) -> dict:
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    pairs, first = [], None
+    for k in range(cfg.warmup + cfg.repeats):
+        got = {}
+        for bound in ((True, False) if k % 2 == 0 else (False, True)):
+            pipe.kv_binding = bound
+            out = pipe.generate(input_ids=ids, pixel_values=pixels, keep_ratio=ratio,
+                                max_new_tokens=cfg.new_tokens, ignore_eos=True)
+            first = first or out
+            if out.token_ids != first.token_ids or out.kept_positions != first.kept_positions:
+                raise BenchError(f"keep {ratio:g}: kv_binding={bound} generated other tokens or kept other "
+                                 "positions than the first run; the two KV paths must agree exactly")
+            got[bound] = out.timings["tokens_per_s"]
+            if progress:
+                progress(1)
+        if k >= cfg.warmup:
+            for bound, rate in got.items():
+                rates[bound].append(rate)
+            pairs.append(got[True] / got[False])
+    med = {"bound": statistics.median(rates[True]), "numpy": statistics.median(rates[False])}
+    t = first.timings
+    return {"keep_ratio": ratio, "prompt_tokens": int(t["prompt_tokens"]), "kept_tokens": int(t["kept_tokens"]),
+            "kv_bytes": int(t["kv_bytes"]), "decode_tok_s": med,
+            "spread": {name: [min(rates[b]), max(rates[b])] for name, b in (("bound", True), ("numpy", False))},
+            "speedup": med["bound"] / med["numpy"], "pair_speedup": statistics.median(pairs),
+            "pair_spread": [min(pairs), max(pairs)]}
 
 
 def _eager_inputs(runner: EagerRunner, ids: list[int], pixels: np.ndarray, cfg: BenchConfig):
@@ -384,4 +459,4 @@ def _eager_inputs(runner: EagerRunner, ids: list[int], pixels: np.ndarray, cfg: 
     return runner, (t_ids, t_pix)
 
 
-__all__ = ["BenchConfig", "BenchError", "Row", "run", "to_json", "targets", "total_runs"]
+__all__ = ["BenchConfig", "BenchError", "Row", "kv_binding_ab", "run", "targets", "to_json", "total_runs"]

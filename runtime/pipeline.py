@@ -6,7 +6,10 @@
 
 Batch 1. Prefill feeds the whole prompt with empty past KV and the vision span; the decoder prunes
 the span at layer K and returns the kept positions. Each decode step feeds one token at position
-S + t (S = unpruned prompt length) with span_len 0 and the previous step's present KV.
+S + t (S = unpruned prompt length) with span_len 0 and the previous step's present KV. The KV stays
+where the decoder runs between steps (runtime.stage.kv_loop: ONNX Runtime IOBinding, TensorRT device
+buffers); `Pipeline.kv_binding = False` (or load(kv_binding=False)) makes it a numpy round trip
+instead, with bit-identical tokens (tests/test_kv_binding.py), so both can be timed side by side.
 
 Every argument is checked before a graph runs (InputError), and every stage output that feeds the
 next stage is checked for NaN / inf (EngineError), so a bad input never surfaces as an ONNX Runtime
@@ -30,7 +33,7 @@ from runtime.manifest import STAGE_NAMES, TOKENIZER_NAME, Manifest, TrtSpec, rea
 from runtime.preprocess import ImageLike, preprocess
 from runtime.prompt import PromptBuilder, find_span
 from runtime.sampling import Sampler, as_int, check_keep_ratio, check_max_new_tokens, describe
-from runtime.stage import OrtStage, Stage
+from runtime.stage import KVLoop, OrtStage, Stage, kv_loop
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +102,16 @@ def _finite(x: np.ndarray, stage: str, what: str) -> np.ndarray:
 
 class Pipeline:
     """One engine, ready to generate. Build with `runtime.load(engine_dir)`; tests may pass their
-    own `stages` (anything with the Stage interface) and `prompt` builder."""
+    own `stages` (anything with the Stage interface) and `prompt` builder.
 
-    def __init__(self, manifest: Manifest, stages: dict[str, Stage], prompt: PromptBuilder):
+    kv_binding: keep the KV cache where the decoder runs between decode steps (True, the default;
+    decoders without a bound loop of their own use the numpy round trip anyway), or copy it to
+    numpy and back every step (False; for measuring the difference)."""
+
+    def __init__(self, manifest: Manifest, stages: dict[str, Stage], prompt: PromptBuilder,
+                 kv_binding: bool = True):
         self.manifest = manifest
+        self.kv_binding = kv_binding
         self.vision = stages["vision_encoder"]
         self.embed = stages["embed_tokens"]
         self.decoder = stages["decoder"]
@@ -134,6 +143,12 @@ class Pipeline:
         if missing or len(past) != 2 * self.manifest.decoder.num_layers:
             raise EngineError(f"decoder: graph does not have the decoder interface (missing {missing or 'none'}, "
                               f"{len(past)} past inputs for {self.manifest.decoder.num_layers} layers); re-export")
+
+    def kv_loop(self) -> KVLoop:
+        """The decoder's calls for one generation: present KV -> next past KV, logits and kept
+        positions back as numpy (bound to the backend unless kv_binding is False)."""
+        carry = {self.present_for[n]: n for n in self.past_names}
+        return kv_loop(self.decoder, carry, DECODER_OUTPUTS, bound=self.kv_binding)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embed.run({self.ids_name: ids})[self.embeds_name]
@@ -271,7 +286,8 @@ class Pipeline:
             embeds[0, a:a + L] = features[0]
         t2 = time.perf_counter()
 
-        out = self.decoder.run({
+        loop = self.kv_loop()
+        out = loop.run({
             "inputs_embeds": embeds,
             "position_ids": np.arange(S, dtype=np.int64)[None],  # (1, S)
             "span_start": _scalar(a),
@@ -282,7 +298,7 @@ class Pipeline:
         _finite(out["logits"], "decoder", "logits (prefill)")
         kept = [int(p) for p in out["kept_positions"][0]]
         t3 = time.perf_counter()
-        kv_bytes = sum(int(out[self.present_for[n]].nbytes) for n in self.past_names)
+        kv_bytes = loop.kv_bytes()
 
         tokens: list[int] = []
         streamer = _Streamer(self.prompt.decode, stream) if stream else None
@@ -299,13 +315,12 @@ class Pipeline:
             if t + 1 == max_new_tokens:
                 break
             emb = self._embed(np.array([[tok]], dtype=np.int64))  # (1, 1, D)
-            out = self.decoder.run({
+            out = loop.run({  # past KV: carried from the previous call
                 "inputs_embeds": emb.astype(self.embeds_dtype, copy=False),
                 "position_ids": np.array([[S + t]], dtype=np.int64),
                 "span_start": _scalar(0),
                 "span_len": _scalar(0),
                 "quota": _scalar(0),
-                **{n: out[self.present_for[n]] for n in self.past_names},
             })
             _finite(out["logits"], "decoder", f"logits (decode step {t + 1})")
             steps += 1
@@ -381,6 +396,7 @@ def load(
     verify: bool = True,
     spin: bool = False,
     provider_options: dict[str, dict] | None = None,
+    kv_binding: bool = True,
 ) -> Pipeline:
     """Open an engine directory: validate manifest.json (and, with `verify`, every file's sha256),
     open the three stages and load the tokenizer.
@@ -395,7 +411,10 @@ def load(
     always runs on one). `spin`: let idle threads busy-wait between ops. Off by default: on a
     small CPU the idle pools of the other sessions then steal cores from the running one (2
     threads, llava-bench: prefill 1.2-1.6x slower with spinning, decode the same within noise;
-    docs/BENCHMARKS.md). A single provider name may be given as a string ("cuda")."""
+    docs/BENCHMARKS.md). A single provider name may be given as a string ("cuda").
+
+    kv_binding: keep the KV cache with the decoder between decode steps (ONNX Runtime IOBinding,
+    TensorRT device buffers); False copies it to numpy and back every step (Pipeline.kv_binding)."""
     t0 = time.perf_counter()
     if isinstance(providers, str):
         providers = [providers]
@@ -416,7 +435,9 @@ def load(
             for name in STAGE_NAMES
         }
     prompt = PromptBuilder(manifest.path(TOKENIZER_NAME), manifest.prompt, manifest.tokens)
-    pipe = Pipeline(manifest, stages, prompt)
+    if not isinstance(kv_binding, bool):
+        raise InputError(f"kv_binding must be True or False, got {describe(kv_binding)}")
+    pipe = Pipeline(manifest, stages, prompt, kv_binding=kv_binding)
     log.info("load: %s (%s, K=%d, default ratio %.3f) in %.2f s", manifest.directory, manifest.model,
              manifest.dart.layer, manifest.dart.keep_ratio, time.perf_counter() - t0)
     return pipe

@@ -5,6 +5,17 @@ lazily; pick_profile and coerce_input are pure. One execution context per optimi
 picks the first profile whose ranges hold every input. Device buffers are cached per tensor name
 and only grow. Not thread-safe.
 
+`run(feeds)` copies every input to the GPU and every output back. `kv_loop(carry, fetch)` (the
+decode loop, runtime.stage.KVLoop) keeps the carried outputs (present KV) on the GPU: after each
+call the buffers of each carried output and its input (present_key_0 / past_key_0) swap names, so
+the next call reads the KV where it was written and writes the new KV into the other buffer;
+only the fetched outputs (logits, kept positions) and the small per-step inputs cross to the host.
+Checked here only against the fake TensorRT + cudart of tests/test_trt_stage.py (which counts the
+copies): TensorRT cannot be installed on the development machines, so the loop has not run on a
+GPU. It relies on TensorRT asking the output allocator for every data-dependent output on every
+execute_async_v3 (and checks it: a carried output TensorRT did not ask for raises EngineError
+rather than aliasing the past KV buffer).
+
 TensorRT Python API relied on (docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/
 infer/Core/Engine.html and .../ExecutionContext.html; bindings in NVIDIA/TensorRT
 python/src/infer/pyCore.cpp):
@@ -31,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +183,10 @@ class _DeviceBuffers:
     def ptr(self, name: str) -> int:
         return self.bufs[name][0]
 
+    def swap(self, a: str, b: str) -> None:
+        """Exchange the buffers of two names (a carried output becomes the next call's input)."""
+        self.bufs[a], self.bufs[b] = self.bufs[b], self.bufs[a]
+
     def free_all(self) -> None:
         bufs, self.bufs = self.bufs, {}
         for name, (ptr, _) in bufs.items():
@@ -185,9 +201,11 @@ def _make_allocator(trt, buffers: _DeviceBuffers):
         def __init__(self):
             trt.IOutputAllocator.__init__(self)  # required by the pybind11 trampoline
             self.shapes: dict[str, Shape] = {}
+            self.asked: set[str] = set()  # outputs TensorRT asked memory for in this execution
             self.error: str | None = None
 
         def reallocate_output(self, tensor_name, memory, size, alignment):
+            self.asked.add(tensor_name)
             try:  # exceptions cannot cross into TensorRT: record, return nullptr (execute fails)
                 return buffers.ensure(tensor_name, int(size))
             except Exception as exc:
@@ -206,6 +224,14 @@ def _make_allocator(trt, buffers: _DeviceBuffers):
 # --- the stage ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Executed:
+    outputs: dict[str, np.ndarray]  # the fetched outputs, on the host
+    shapes: dict[str, Shape]  # every output's shape
+    placed: set[str]  # outputs written to the buffer under their own name (an address set before
+    # execution, or memory the output allocator handed out during it)
+
+
 class TrtStage:
     """A serialized TensorRT engine (.engine / .plan) with the Stage interface."""
 
@@ -214,6 +240,7 @@ class TrtStage:
         self.name = name or self.path.stem
         self._buffers = self._stream = self._engine = self._runtime = None
         self._contexts: dict[int, object] = {}
+        self._loop: TrtKVLoop | None = None  # the KV loop whose values the carried buffers hold
         self._allocated: set[tuple[int, str]] = set()  # (profile, output) with the allocator set
         trt = _import_trt()
         cudart = self._cudart = _import_cudart()
@@ -287,34 +314,88 @@ class TrtStage:
         return ctx
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._loop = None  # the buffers a KV loop carries are about to be overwritten
+        return self._execute(self._arrays(feeds, ()), {}, self.output_names).outputs
+
+    def kv_loop(self, carry: Mapping[str, str], fetch: Sequence[str]) -> TrtKVLoop:
+        """A decode loop keeping the `carry` outputs on the GPU (see the module docstring). Starting
+        one (or calling run) ends the previous loop: they share the stage's buffers."""
+        return TrtKVLoop(self, carry, fetch)
+
+    def _arrays(self, feeds: dict[str, np.ndarray], carried) -> dict[str, np.ndarray]:
+        """The host inputs, checked and coerced; `carried` inputs are on the device already."""
         if self._engine is None:
             raise self._error("the stage is closed")
-        missing = [n for n in self.input_names if n not in feeds]
+        missing = [n for n in self.input_names if n not in feeds and n not in carried]
         extra = [n for n in feeds if n not in self.input_names]
         if missing or extra:
             raise self._error(f"missing inputs {missing}, unexpected inputs {extra}; the engine takes "
                               f"{self.input_names}")
-        arrays = {n: coerce_input(n, feeds[n], self.dtypes[n], self.name) for n in self.input_names}
+        return {n: coerce_input(n, v, self.dtypes[n], self.name) for n, v in feeds.items()}
+
+    def _execute(self, arrays: dict[str, np.ndarray], carried: Mapping[str, Shape],
+                 fetch: Sequence[str]) -> _Executed:
+        """One execution: `arrays` are copied to the device (shape tensors are read from the host),
+        `carried` inputs are already in their device buffers with these shapes; the `fetch`
+        outputs are copied back, the others stay in their buffers."""
         values = {n: [int(v) for v in arrays[n].reshape(-1)] for n in self._shape_inputs}
-        profile = pick_profile(self.ranges, {n: a.shape for n, a in arrays.items()}, self.value_ranges,
-                               values, where=self.name)
+        profile = pick_profile(self.ranges, {**{n: a.shape for n, a in arrays.items()}, **carried},
+                               self.value_ranges, values, where=self.name)
         cudart, stream = self._cudart, self._stream
         _cuda(cudart.cudaSetDevice(self.device), f"selecting CUDA device {self.device}")
         ctx = self._context(profile)
-        kinds = cudart.cudaMemcpyKind
         for n, a in arrays.items():
-            if tuple(ctx.get_tensor_shape(n)) != a.shape and not ctx.set_input_shape(n, a.shape):
-                raise self._error(f"TensorRT rejected shape {a.shape} for {n} (profile {profile})")
-            if n in self._host:  # shape tensor: TensorRT reads its values from host memory;
-                ptr = a.ctypes.data  # `arrays` keeps it alive until the stream is synchronized
-            else:
-                ptr = self._buffers.ensure(n, a.nbytes)
-                if a.nbytes:
-                    _cuda(cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes, kinds.cudaMemcpyHostToDevice,
-                                                 stream), f"copying {n} to the GPU")
-            if not ctx.set_tensor_address(n, ptr):
-                raise self._error(f"TensorRT rejected the address of {n}")
-        static: dict[str, Shape] = {}  # output shapes known now (after the shape-tensor addresses)
+            self._bind_input(ctx, profile, n, a.shape, self._to_device(n, a))
+        for n, shape in carried.items():
+            self._bind_input(ctx, profile, n, shape, self._buffers.ptr(n))
+        static = self._bind_outputs(ctx, profile)
+        self._allocator.shapes.clear()
+        self._allocator.asked.clear()
+        self._allocator.error = None
+        if not ctx.execute_async_v3(int(stream)):
+            why = f" ({self._allocator.error})" if self._allocator.error else ""
+            raise self._error(f"TensorRT execution failed on profile {profile}{why}; see the TensorRT log")
+        shapes = {}
+        for n in self.output_names:
+            shape = static[n] if n in static else self._allocator.shapes.get(n)
+            if shape is None:
+                raise self._error(f"TensorRT did not report the shape of output {n}")
+            shapes[n] = shape
+        outputs = {n: self._to_host(n, shapes[n]) for n in fetch}
+        _cuda(cudart.cudaStreamSynchronize(stream), f"running {self.name}")
+        return _Executed(outputs, shapes, set(static) | self._allocator.asked)
+
+    def _to_device(self, name: str, a: np.ndarray) -> int:
+        """The address TensorRT reads input `name` from: a device buffer holding a copy of `a`, or
+        for a shape tensor `a` itself (host memory; `a` lives until the stream is synchronized)."""
+        if name in self._host:
+            return a.ctypes.data
+        ptr = self._buffers.ensure(name, a.nbytes)
+        if a.nbytes:
+            _cuda(self._cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes,
+                                               self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream),
+                  f"copying {name} to the GPU")
+        return ptr
+
+    def _to_host(self, name: str, shape: Shape) -> np.ndarray:
+        out = np.empty(shape, self.dtypes[name])
+        if out.nbytes:
+            _cuda(self._cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers.ptr(name), out.nbytes,
+                                               self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream),
+                  f"copying {name} back")
+        return out
+
+    def _bind_input(self, ctx, profile: int, name: str, shape: Shape, ptr: int) -> None:
+        if tuple(ctx.get_tensor_shape(name)) != tuple(shape) and not ctx.set_input_shape(name, shape):
+            raise self._error(f"TensorRT rejected shape {tuple(shape)} for {name} (profile {profile})")
+        if not ctx.set_tensor_address(name, ptr):
+            raise self._error(f"TensorRT rejected the address of {name}")
+
+    def _bind_outputs(self, ctx, profile: int) -> dict[str, Shape]:
+        """Addresses for the outputs whose shapes are known now (after the input shapes and the
+        shape-tensor addresses), the output allocator for the data-dependent ones. Returns the
+        known shapes."""
+        static: dict[str, Shape] = {}
         for n in self.output_names:
             shape = tuple(int(d) for d in ctx.get_tensor_shape(n))
             if all(d >= 0 for d in shape):
@@ -326,22 +407,7 @@ class TrtStage:
                 if not ctx.set_output_allocator(n, self._allocator):
                     raise self._error(f"TensorRT refused an output allocator for {n}")
                 self._allocated.add((profile, n))
-        self._allocator.shapes.clear()
-        self._allocator.error = None
-        if not ctx.execute_async_v3(int(stream)):
-            why = f" ({self._allocator.error})" if self._allocator.error else ""
-            raise self._error(f"TensorRT execution failed on profile {profile}{why}; see the TensorRT log")
-        outputs = {}
-        for n in self.output_names:
-            shape = static[n] if n in static else self._allocator.shapes.get(n)
-            if shape is None:
-                raise self._error(f"TensorRT did not report the shape of output {n}")
-            out = outputs[n] = np.empty(shape, self.dtypes[n])
-            if out.nbytes:
-                _cuda(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers.ptr(n), out.nbytes,
-                                             kinds.cudaMemcpyDeviceToHost, stream), f"copying {n} back")
-        _cuda(cudart.cudaStreamSynchronize(stream), f"running {self.name}")
-        return outputs
+        return static
 
     def close(self) -> None:
         """Free the contexts, the engine, the device buffers and the stream (idempotent)."""
@@ -350,7 +416,7 @@ class TrtStage:
             if stream is not None:
                 _cuda(self._cudart.cudaStreamSynchronize(stream), f"finishing {self.name}'s work")
         finally:
-            self._contexts, self._allocated = {}, set()
+            self._contexts, self._allocated, self._loop = {}, set(), None
             self._engine = self._runtime = None  # contexts, then engine, then runtime
             try:
                 if self._buffers is not None:
@@ -370,3 +436,45 @@ class TrtStage:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class TrtKVLoop:
+    """A decode loop on a TrtStage (runtime.stage.KVLoop): the `carry` outputs stay in device
+    buffers that become the next call's inputs (buffer swap, no host round trip); only the `fetch`
+    outputs are copied to the host. Not verified on real TensorRT (see the module docstring)."""
+
+    bound = True
+
+    def __init__(self, stage: TrtStage, carry: Mapping[str, str], fetch: Sequence[str]):
+        from runtime.stage import check_carry
+
+        check_carry(stage, carry, fetch)
+        for out, inp in carry.items():
+            if inp in stage._host or stage.dtypes[out] != stage.dtypes[inp]:
+                raise stage._error(f"cannot carry {out} ({stage.dtypes[out]}) into {inp} ({stage.dtypes[inp]}"
+                                   f"{', a host shape tensor' if inp in stage._host else ''}) on the device")
+        self.stage, self.carry, self.fetch = stage, dict(carry), tuple(fetch)
+        self.shapes: dict[str, Shape] = {}  # carried input -> shape of the value in its buffer
+        stage._loop = self
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stage = self.stage
+        if stage._engine is not None and stage._loop is not self:
+            raise stage._error("the device buffers this KV loop carries were reused by another run or loop (or "
+                               "its last step failed); start a new loop")
+        carried = {n: s for n, s in self.shapes.items() if n not in feeds}
+        stage._loop = None  # until the buffers are swapped below
+        done = stage._execute(stage._arrays(feeds, carried), carried, self.fetch)
+        unplaced = [n for n in self.carry if n not in done.placed]
+        if unplaced:  # TensorRT wrote them where it wrote them last time: now a past KV buffer
+            raise stage._error(f"TensorRT did not ask the output allocator for {unplaced}, so the KV cannot be "
+                               "carried on the device; load the engine with kv_binding=False")
+        for out, inp in self.carry.items():
+            stage._buffers.swap(out, inp)
+            self.shapes[inp] = done.shapes[out]
+        stage._loop = self
+        return done.outputs
+
+    def kv_bytes(self) -> int:
+        dtypes = self.stage.dtypes
+        return sum(math.prod(shape) * dtypes[n].itemsize for n, shape in self.shapes.items())

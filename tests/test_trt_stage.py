@@ -1,7 +1,10 @@
 """runtime/trt_stage.py: profile choice and input coercion (pure), the missing-package errors, the
 whole run() path against a fake `tensorrt` + fake cudart (host memory stands in for device memory,
-so the copies, addresses, profiles and output allocator are checked byte for byte), and, where
-TensorRT and a GPU exist, a real two-profile engine compared with onnxruntime."""
+so the copies, addresses, profiles and output allocator are checked byte for byte), the KV loop
+(carried outputs stay in device buffers: the fake cudart counts every host<->device copy), and,
+where TensorRT and a GPU exist, a real two-profile engine compared with onnxruntime. TensorRT cannot
+be installed on the development machines: there the real-engine tests skip, and the KV loop is
+checked against the fake only."""
 
 from __future__ import annotations
 
@@ -125,6 +128,8 @@ def test_missing_cuda_python_gives_install_hint(monkeypatch, tmp_path):
 # tensor); outputs y = concat(past, x) [1, P+S, 4], r = arange(k) [k] (shape from k's value), and
 # kept = nonzero(x[0, :, 0] > 0) [1, -1] (data-dependent: needs the output allocator).
 # Profile 0 (prefill): S 1..8, P 0..0, k 0..8; profile 1 (decode): S 1, P 1..16, k 0..0.
+# IO_KV adds a second, ragged KV pair like the decoder's layers >= K: past2 [1, P2, 4] and
+# y2 = concat(past2, x[:, x[0, :, 0] > 0]) (pruned, data-dependent: from the output allocator).
 
 OK = 0
 
@@ -148,6 +153,7 @@ class FakeCudart:
         self.mallocs = 0
         self.fail_malloc = False
         self.stream_destroyed = False
+        self.copies: list[tuple[str, int]] = []  # ("h2d" | "d2h", bytes), in order
 
     def owns(self, ptr: int, nbytes: int) -> bool:
         return any(p <= ptr and ptr + nbytes <= p + len(b) for p, b in self.live.items())
@@ -181,6 +187,7 @@ class FakeCudart:
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
         assert isinstance(dst, int) and isinstance(src, int) and stream == 4242
         assert self.owns(dst if kind == 1 else src, nbytes), "copy outside a device allocation"
+        self.copies.append(("h2d" if kind == 1 else "d2h", nbytes))
         ctypes.memmove(dst, src, nbytes)
         return (CudaError.cudaSuccess,)
 
@@ -198,10 +205,12 @@ IO = {  # name: (mode, dtype, engine-level shape, location)
     "r": ("out", "int64", (-1,), "device"),
     "kept": ("out", "int64", (1, -1), "device"),
 }
+IO_KV = {**IO, "past2": ("in", "float32", (1, -1, 4), "device"), "y2": ("out", "float32", (1, -1, 4), "device")}
 PROFILES = [
-    {"x": ((1, 1, 4), (1, 4, 4), (1, 8, 4)), "past": ((1, 0, 4), (1, 0, 4), (1, 0, 4)), "k": ([0], [4], [8])},
+    {"x": ((1, 1, 4), (1, 4, 4), (1, 8, 4)), "past": ((1, 0, 4), (1, 0, 4), (1, 0, 4)), "k": ([0], [4], [8]),
+     "past2": ((1, 0, 4), (1, 0, 4), (1, 0, 4))},
     {"x": ((1, 1, 4), (1, 1, 4), (1, 1, 4)), "past": ((1, 1, 4), (1, 8, 4), (1, 16, 4)),
-     "k": ([0], [0], [0])},
+     "k": ([0], [0], [0]), "past2": ((1, 0, 4), (1, 8, 4), (1, 16, 4))},
 ]
 
 
@@ -209,6 +218,7 @@ class FakeContext:
     def __init__(self, engine):
         self.engine, self.profile = engine, None
         self.shapes, self.addresses, self.allocators = {}, {}, {}
+        self.handed: dict[str, int] = {}  # output -> the memory the allocator last returned
 
     def set_optimization_profile_async(self, idx, stream):
         assert isinstance(idx, int) and isinstance(stream, int)
@@ -227,8 +237,9 @@ class FakeContext:
         return True
 
     def get_tensor_shape(self, name):
-        if IO[name][0] == "in":
-            return self.shapes.get(name, IO[name][2])
+        io = self.engine.io
+        if io[name][0] == "in":
+            return self.shapes.get(name, io[name][2])
         if name == "y":
             if "x" not in self.shapes or "past" not in self.shapes:
                 return (1, -1, 4)
@@ -259,13 +270,19 @@ class FakeContext:
         k = int(read(self.addresses["k"], (), np.int64))
         outs = {"y": np.concatenate([past, x], axis=1), "r": np.arange(k, dtype=np.int64),
                 "kept": np.nonzero(x[0, :, 0] > 0)[0].astype(np.int64)[None]}
+        if "past2" in self.engine.io:
+            past2 = read(self.addresses["past2"], self.shapes["past2"], np.float32)
+            outs["y2"] = np.concatenate([past2, x[:, x[0, :, 0] > 0]], axis=1)
         for name, value in outs.items():
             if -1 in self.get_tensor_shape(name):
                 alloc = self.allocators[name]
-                current = self.addresses.get(name, 0)
-                ptr = alloc.reallocate_output_async(name, current, value.nbytes, 256, stream)
+                if self.engine.reuse_output_memory and name in self.handed:
+                    ptr = self.handed[name]  # what a TensorRT that skipped the allocator would do
+                else:
+                    ptr = alloc.reallocate_output_async(name, self.handed.get(name, 0), value.nbytes, 256, stream)
                 if not ptr:
                     return False
+                self.handed[name] = ptr
                 alloc.notify_shape(name, value.shape)
             else:
                 ptr = self.addresses[name]
@@ -286,6 +303,7 @@ class FakeEngine:
         self.profile_sets: list[int] = []
         self.allocator_sets: list[tuple[int, str]] = []
         self.fail_execute = False
+        self.reuse_output_memory = False
 
     def get_tensor_name(self, i):
         return self.names[i]
@@ -494,6 +512,141 @@ def test_load_errors(fake, monkeypatch, tmp_path):
         make()
 
 
+# --- the KV loop: carried outputs stay in device buffers ------------------------------------------------
+
+
+@pytest.fixture
+def fake_kv(monkeypatch, tmp_path):
+    """Like `fake`, with the second (ragged, allocator-backed) KV pair of IO_KV."""
+    cudart = FakeCudart()
+    engine = FakeEngine(cudart, IO_KV)
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_trt(engine))
+    monkeypatch.setattr(trt_stage, "_import_cudart", lambda: cudart)
+    path = tmp_path / "toy.engine"
+    path.write_bytes(b"plan")
+    return TrtStage(path, name="toy"), cudart, engine
+
+
+CARRY = {"y": "past", "y2": "past2"}  # like present_key_0 -> past_key_0 (full) and ..._3 (pruned)
+
+
+def kv_steps(n, seed=0):
+    """Prefill feeds (S = 6, empty pasts, k = 5), then n decode feeds (x only: the pasts are carried)."""
+    rng = np.random.default_rng(seed)
+    empty = np.zeros((1, 0, 4), np.float32)
+    first = {"x": rng.standard_normal((1, 6, 4)).astype(np.float32), "past": empty, "past2": empty,
+             "k": np.array(5, np.int64)}
+    xs = [np.full((1, 1, 4), (-1.0) ** t * (t + 1), np.float32) for t in range(n)]
+    return [first] + [{"x": x, "k": np.array(0, np.int64)} for x in xs]
+
+
+def kv_reference(steps):
+    """The fake engine in numpy, one step after another: the fetched outputs and the final pasts."""
+    past, past2, fetched = steps[0]["past"], steps[0]["past2"], []
+    for f in steps:
+        x = f["x"]
+        fetched.append({"r": np.arange(int(f["k"])), "kept": np.nonzero(x[0, :, 0] > 0)[0][None]})
+        past, past2 = np.concatenate([past, x], axis=1), np.concatenate([past2, x[:, x[0, :, 0] > 0]], axis=1)
+    return fetched, past, past2
+
+
+def test_kv_loop_keeps_the_kv_on_the_device(fake_kv):
+    stage, cudart, _ = fake_kv
+    steps = kv_steps(10)
+    want, past, past2 = kv_reference(steps)
+    loop = stage.kv_loop(CARRY, ("r", "kept"))
+    assert loop.bound
+    per_step = []
+    for f, w in zip(steps, want):
+        cudart.copies.clear()
+        out = loop.run(f)
+        per_step.append(list(cudart.copies))
+        assert set(out) == {"r", "kept"}
+        for name in w:
+            np.testing.assert_array_equal(out[name], w[name], err_msg=name)
+    # The carried KV, read where it lies: the buffers now named past / past2, with the loop's shapes.
+    assert loop.shapes == {"past": past.shape, "past2": past2.shape}
+    assert past.shape == (1, 16, 4) and past2.shape == (1, want[0]["kept"].size + 5, 4)  # 5 decode x > 0
+    np.testing.assert_array_equal(read(stage._buffers.ptr("past"), past.shape, np.float32), past)
+    np.testing.assert_array_equal(read(stage._buffers.ptr("past2"), past2.shape, np.float32), past2)
+    assert loop.kv_bytes() == past.nbytes + past2.nbytes
+    # Prefill: x in (the empty pasts copy nothing), r and kept out. Each decode step: the 16 bytes of
+    # x in, kept out when x > 0 (8 bytes), nothing else: no KV crosses, whatever its length.
+    assert per_step[0] == [("h2d", 6 * 16), ("d2h", 5 * 8), ("d2h", want[0]["kept"].size * 8)]
+    for t, copies in enumerate(per_step[1:]):
+        assert copies == [("h2d", 16)] + ([("d2h", 8)] if t % 2 == 0 else []), t
+    assert cudart.mallocs < 20  # grow-only, swapped buffers: not one allocation per step
+
+
+def test_numpy_round_trip_copies_the_kv_every_step(fake_kv):
+    """The same loop through run() (NumpyKVLoop, the kv_binding=False path): the same outputs, and
+    each step copies both pasts in and both presents back."""
+    from runtime.stage import kv_loop
+
+    stage, cudart, _ = fake_kv
+    steps = kv_steps(4)
+    want, past, past2 = kv_reference(steps)
+    loop = kv_loop(stage, CARRY, ("r", "kept"), bound=False)
+    assert not loop.bound
+    for t, (f, w) in enumerate(zip(steps, want)):
+        kv_in = [16 * v.shape[1] for v in loop.carried.values()]  # bytes of each carried past
+        cudart.copies.clear()
+        out = loop.run(f)
+        for name in w:
+            np.testing.assert_array_equal(out[name], w[name], err_msg=name)
+        if t:
+            kv_out = [16 * v.shape[1] for v in loop.carried.values()]
+            h2d = sorted(n for k, n in cudart.copies if k == "h2d")
+            d2h = sorted(n for k, n in cudart.copies if k == "d2h")
+            assert h2d == sorted([16] + [n for n in kv_in if n]), t  # x and both pasts in
+            assert set(kv_out) <= set(d2h) and sum(d2h) >= sum(kv_out), t  # both presents back
+    np.testing.assert_array_equal(loop.carried["past"], past)
+    np.testing.assert_array_equal(loop.carried["past2"], past2)
+
+
+def test_kv_loop_is_ended_by_another_run_or_loop(fake_kv):
+    stage, _, _ = fake_kv
+    steps = kv_steps(2)
+    loop = stage.kv_loop(CARRY, ("kept",))
+    loop.run(steps[0])
+    loop.run(steps[1])
+    stage.run({**steps[0], "k": np.array(1, np.int64)})  # overwrites the buffers the loop carries
+    with pytest.raises(EngineError, match="reused by another run or loop"):
+        loop.run(steps[2])
+    second = stage.kv_loop(CARRY, ("kept",))
+    second.run(steps[0])
+    with pytest.raises(EngineError, match="reused by another run or loop"):
+        loop.run(steps[1])
+    second.run(steps[1])  # the newest loop goes on
+    stage.close()
+    with pytest.raises(EngineError, match="closed"):
+        second.run(steps[2])
+
+
+def test_kv_loop_refuses_output_memory_the_allocator_did_not_hand_out(fake_kv):
+    """A TensorRT writing a data-dependent output where it wrote it last time (without asking the
+    allocator) would write the new KV into the buffer now holding the past KV: refused."""
+    stage, _, engine = fake_kv
+    steps = kv_steps(2)
+    loop = stage.kv_loop(CARRY, ("kept",))
+    loop.run(steps[0])
+    loop.run(steps[1])  # the decode profile's first call: its allocator hands out y2's memory
+    engine.reuse_output_memory = True
+    with pytest.raises(EngineError, match=r"did not ask the output allocator for \['y2'\].*kv_binding=False"):
+        loop.run(steps[2])
+
+
+def test_kv_loop_checks_names(fake_kv):
+    stage, _, _ = fake_kv
+    with pytest.raises(EngineError, match=r"\['nope'\] are not outputs / inputs"):
+        stage.kv_loop({"y": "nope"}, ("kept",))
+    with pytest.raises(EngineError, match="cannot carry r .* into k .*host shape tensor"):
+        stage.kv_loop({"r": "k"}, ("kept",))
+    loop = stage.kv_loop(CARRY, ("kept",))
+    with pytest.raises(EngineError, match=r"missing inputs \['past2'\]"):
+        loop.run({k: v for k, v in kv_steps(0)[0].items() if k != "past2"})
+
+
 # --- real TensorRT (needs TensorRT, cuda-python and a GPU) -------------------------------------------
 
 
@@ -573,3 +726,30 @@ def test_real_engine_matches_onnxruntime(tmp_path, with_range):
                 np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
             past = got["y"]
         assert len(stage._contexts) == 2
+
+
+@pytest.mark.tensorrt
+def test_real_engine_kv_loop_matches_onnxruntime(tmp_path):
+    """The KV loop on real TensorRT: y carried into past on the GPU for 6 steps, then read back
+    from the buffer it lies in. Not run on the development machines (no TensorRT there)."""
+    _real_stage_env()
+    import onnxruntime as ort
+
+    onnx_path, engine_path = tmp_path / "toy.onnx", tmp_path / "toy.engine"
+    _onnx_model(onnx_path, with_range=False)
+    _build(onnx_path, engine_path, with_range=False)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    with TrtStage(engine_path) as stage:
+        loop = stage.kv_loop({"y": "past"}, ("kept",))
+        past = np.zeros((1, 0, 4), np.float32)
+        for step in range(6):
+            x = rng.standard_normal((1, 5 if step == 0 else 1, 4)).astype(np.float32)
+            got = loop.run({"x": x, "past": past} if step == 0 else {"x": x})
+            y, kept = sess.run(["y", "kept"], {"x": x, "past": past})
+            np.testing.assert_array_equal(got["kept"], kept)
+            past = y
+        assert loop.shapes == {"past": past.shape} and loop.kv_bytes() == past.nbytes
+        carried = stage._to_host("past", past.shape)
+        trt_stage._cuda(stage._cudart.cudaStreamSynchronize(stage._stream), "reading the carried KV")
+        np.testing.assert_allclose(carried, past, rtol=1e-6, atol=1e-6)
