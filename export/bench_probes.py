@@ -116,7 +116,7 @@ class PrefillKV:
 
     def __init__(self, model):
         self.bytes: int | None = None
-        self.handle = model.model.language_model.register_forward_hook(self._hook)
+        self.handle = model.get_decoder().register_forward_hook(self._hook)
 
     def _hook(self, _module, _args, output):
         if self.bytes is None and getattr(output, "past_key_values", None) is not None:

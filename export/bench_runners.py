@@ -31,15 +31,13 @@ def _decode_rate(first: float, last: float, n: int) -> float:
 class EagerRunner:
     """eager-hf and eager-dart on one torch model."""
 
-    def __init__(self, model, dart: DartConfig, device: str):
+    def __init__(self, model, dart: DartConfig, device: str, family):
         import torch
-
-        from dart_ops.eager import EagerDart
 
         self.torch = torch
         self.model = model
         self.device = torch.device(device)
-        self.dart = EagerDart(model, dart)
+        self.dart = family.eager(model, dart)  # the family's eager DART baseline
         self.sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
 
     def run(self, runtime: str, ids, pixels, ratio: float, n: int) -> Run:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 from dart_ops import flops
 from dart_ops.spec import DartConfig
 from export.bench_probes import BenchError, PeakRSS, environment, gpu_peak, matmul_rate
+from export import families
 from export.bench_runners import EagerRunner, OrtRunner, Run
 
 log = logging.getLogger(__name__)
@@ -57,9 +59,9 @@ class BenchConfig:
     ratios: tuple[float, ...] = (1.0, 0.333, 0.222, 0.111)
     runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
     new_tokens: int = 32
-    repeats: int = 5
+    repeats: int = 10
     warmup: int = 1
-    threads: int = 2
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)  # torch and ORT, the same
     device: str = "cpu"  # eager rows; the ort rows use ort_provider
     dtype: str = "fp32"  # eager rows
     ort_provider: str = "cpu"
@@ -213,8 +215,6 @@ def load_eager(model: str, engine_dir: Path | None, device: str, dtype: str):
     were exported), else the family's loader (presets build on `device` directly)."""
     import torch
 
-    from export import families
-
     torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
     ckpt = engine_dir / "checkpoint" if engine_dir else None
     if ckpt is not None and (ckpt / "config.json").is_file():
@@ -280,7 +280,8 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
         torch.set_num_threads(cfg.threads)
         eager_model, loaded = load_eager(cfg.model, engine_dir, cfg.device, cfg.dtype)
     src = _source(cfg, cfg.model, engine_dir, eager_model, loaded)
-    shape = flops.ModelShape.from_llava_config(src.config)
+    family = families.resolve(cfg.model)
+    shape = family.flop_shape(src.config)
     ids = prompt_ids(src, cfg.prompt)
     from runtime.preprocess import preprocess
     from runtime.prompt import find_span
@@ -304,12 +305,11 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
     engine_runners: dict[str, OrtRunner] = {}
     order = plan(cfg)
     for i, (rt, ratio) in enumerate(order):
-        d = src.dart
-        dart = DartConfig(d.layer, d.pivots_image, d.pivots_text, keep_ratio=ratio)
+        dart = src.dart.with_ratio(ratio)
         counts = dart.counts(L, S - a - L)
         if rt.startswith("eager"):
             if eager is None:
-                eager = _eager_inputs(EagerRunner(eager_model, src.dart, cfg.device), ids, pixels, cfg)
+                eager = _eager_inputs(EagerRunner(eager_model, src.dart, cfg.device, family), ids, pixels, cfg)
             runner, inputs = eager
             call = lambda rt=rt, ratio=ratio: runner.run(rt, *inputs, ratio, cfg.new_tokens)  # noqa: E731
         else:
@@ -346,7 +346,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
         )
         kept = counts.kept_len(S) if rt != "eager-hf" else S
         pivots = counts.pivots_image + counts.pivots_text
-        row.prefill_gflop_s = flops.prefill_flops(shape, S, kept, d.layer, L, pivots)["total"] / row.prefill_ms / 1e6
+        row.prefill_gflop_s = flops.prefill_flops(shape, S, kept, dart.layer, L, pivots)["total"] / row.prefill_ms / 1e6
         if rt == "ort" and cfg.profile and counts.prune:
             # The profiler gives DartPrune's fraction of the decoder's node time (profiling slows
             # small nodes most, so this overstates it); scaled by the unprofiled decoder time.

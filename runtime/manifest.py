@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dart_ops.spec import MAX_PIVOTS, MAX_SPAN
+from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, DartConfig
 from runtime.errors import EngineError
 from runtime.manifest_json import (  # noqa: F401  (EXPORT_HINT, MAX_*: part of this module's API)
     DTYPES, EXPORT_HINT, MAX_MANIFEST_BYTES, MAX_NESTING, MAX_PATH, _dtype, _fail, _get, _int, _num,
@@ -71,6 +71,11 @@ class DartSpec:
     pivots_text: int
     keep_ratio: float  # default ratio; generate(keep_ratio=...) overrides it
     max_span: int
+
+    def config(self, keep_ratio: float | None = None) -> DartConfig:
+        """The DartConfig of this engine at `keep_ratio` (default: the manifest's)."""
+        return DartConfig(layer=self.layer, pivots_image=self.pivots_image, pivots_text=self.pivots_text,
+                          keep_ratio=self.keep_ratio if keep_ratio is None else keep_ratio)
 
 
 @dataclass(frozen=True)

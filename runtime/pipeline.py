@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dart_ops.spec import DartConfig
 from runtime.errors import EngineError, InputError
 from runtime.engine_checks import check_graphs
 from runtime.manifest import STAGE_NAMES, TOKENIZER_NAME, Manifest, TrtSpec, read_manifest
@@ -265,7 +264,7 @@ class Pipeline:
         t_pre = time.perf_counter()
 
         dart = m.dart
-        counts = DartConfig(dart.layer, dart.pivots_image, dart.pivots_text, keep_ratio=ratio).counts(L, S - a - L)
+        counts = dart.config(ratio).counts(L, S - a - L)
         span_len = L if counts.prune else 0
         if span_len > dart.max_span:
             raise EngineError(f"vision span of {L} tokens exceeds the engine's max_span {dart.max_span}")

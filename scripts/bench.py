@@ -85,6 +85,12 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     r.add_argument("--image", type=Path, default=d["image"], help="image")
     r.add_argument("--no-profile", dest="profile", action="store_false", default=d["profile"],
                    help="skip profiling DartPrune's share of the ort prefill (ONNX Runtime profiler)")
+    r.add_argument("--no-kv-binding", dest="kv_binding", action="store_false", default=d["kv_binding"],
+                   help="ort rows: copy the KV cache through numpy every decode step (the old path) instead "
+                        "of keeping it with the engine (IOBinding)")
+    r.add_argument("--kv-binding-ab", action="store_true", default=d["kv_binding_ab"],
+                   help="also time decode with and without KV binding on the same engine, alternating "
+                        "(JSON: meta.kv_binding_ab)")
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, default=None, help="write the rows, conditions and targets as JSON")
     o.add_argument("--plot", type=Path, default=None, help="write a PNG: speed-up vs keep ratio, prefill ms")
@@ -116,7 +122,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
         model=model or d["model"], engine_dir=a.engine_dir, ratios=a.ratios, runtimes=a.runtimes,
         new_tokens=a.new_tokens, repeats=a.repeats, warmup=a.warmup, threads=a.threads, device=a.device,
         dtype=a.dtype, ort_provider=a.ort_provider, ort_spin=a.ort_spin, prompt=a.prompt, image=a.image,
-        profile=a.profile,
+        profile=a.profile, kv_binding=a.kv_binding, kv_binding_ab=a.kv_binding_ab,
     )
     return cfg, a
 
