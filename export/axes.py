@@ -1,9 +1,12 @@
 """Dynamic axes, declared once by name with min/opt/max. ONNX dynamic shapes, the manifest (and
-from it TensorRT profiles and runtime checks) all derive from this one declaration."""
+from it TensorRT profiles and runtime checks) all derive from this one declaration. The Axis is
+the manifest schema's (runtime/manifest.py); `torch_dim` is its export-time form."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from runtime.manifest import Axis
+
+__all__ = ["EXAMPLE_SEQ", "VALIDATION_TEXT", "Axis", "declare", "min_seq", "torch_dim"]
 
 # The decoder is traced with a prompt of EXAMPLE_SEQ tokens (export.stages.decoder_example) and
 # validated on one with VALIDATION_TEXT text tokens around a full image (export.validate): the
@@ -17,18 +20,13 @@ def min_seq(image_seq_len: int) -> int:
     return max(EXAMPLE_SEQ, image_seq_len + sum(VALIDATION_TEXT))
 
 
-@dataclass(frozen=True)
-class Axis:
-    name: str
-    min: int
-    opt: int
-    max: int
+def torch_dim(axis: Axis):
+    """torch.export.Dim of an axis (its name, min and max)."""
+    import torch
 
-    def torch_dim(self):
-        import torch
+    # torch.export cannot mark 0 as a lower bound for every op; it is fine for the past dims.
+    return torch.export.Dim(axis.name, min=axis.min, max=axis.max)
 
-        # torch.export cannot mark 0 as a lower bound for every op; it is fine for the past dims.
-        return torch.export.Dim(self.name, min=self.min, max=self.max)
 
 
 def declare(max_batch: int, max_seq: int, max_context: int, image_seq_len: int) -> dict[str, Axis]:
@@ -36,13 +34,6 @@ def declare(max_batch: int, max_seq: int, max_context: int, image_seq_len: int) 
     if max_seq > max_context:
         raise ValueError(f"max seq {max_seq} exceeds max context {max_context}")
     opt_seq = min(max_seq, image_seq_len + 64)
-    return {
-        "batch": Axis("batch", 1, 1, max_batch),
-        "seq": Axis("seq", 1, opt_seq, max_seq),
-        "past_full": Axis("past_full", 0, opt_seq, max_context),
-        "past_kept": Axis("past_kept", 0, min(opt_seq, 128), max_context),
-    }
-
-
-def to_manifest(axes: dict[str, Axis]) -> dict:
-    return {name: {k: v for k, v in asdict(a).items() if k != "name"} for name, a in axes.items()}
+    ranges = {"batch": (1, 1, max_batch), "seq": (1, opt_seq, max_seq), "past_full": (0, opt_seq, max_context),
+              "past_kept": (0, min(opt_seq, 128), max_context)}
+    return {name: Axis(lo, opt, hi, name) for name, (lo, opt, hi) in ranges.items()}

@@ -17,6 +17,7 @@ from pathlib import Path
 from dart_ops.spec import DartConfig
 from export.cli import EXIT_USAGE, Parser, dataclass_defaults, handle_sigterm, report
 from export.outdir import CHECKPOINT, Staging
+from runtime.manifest import Manifest
 
 log = logging.getLogger("export.build")
 
@@ -110,20 +111,20 @@ def check_sizes(cfg: BuildConfig, n_vision: int) -> None:
                          f"tokens needs --max-seq >= {need}")
 
 
-def build(cfg: BuildConfig) -> dict:
-    """Export `cfg.model` into `cfg.out`; returns the manifest. Raises BuildError, ValueError,
-    export.families.UnknownModel, export.validate.ValidationError."""
+def build(cfg: BuildConfig) -> Manifest | None:
+    """Export `cfg.model` into `cfg.out`; returns its manifest (None with dry_run). Raises BuildError,
+    ValueError, export.families.UnknownModel, export.validate.ValidationError."""
     from export import families
 
     family = families.resolve(cfg.model)
     check_sizes(cfg, family.vision_tokens(cfg.model))
     if cfg.dry_run:
-        return {}
+        return None
     import torch
     from tqdm import tqdm
 
-    from export import manifest, stages
-    from export.axes import declare, to_manifest
+    from export import stages
+    from export.axes import declare
     from export.validate import validate
 
     dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
@@ -170,24 +171,8 @@ def build(cfg: BuildConfig) -> dict:
             checkpoint = sorted(p.relative_to(tmp / CHECKPOINT).as_posix()
                                 for p in (tmp / CHECKPOINT).rglob("*") if p.is_file())
         steps.update()
-        tokens = dict(loaded.tokens)
-        result = manifest.write(tmp, {
-            "family": family.name,
-            "model": cfg.model,
-            "dtype": "float16" if dtype == torch.float16 else "float32",
-            "opset": cfg.opset,
-            "dart": {"layer": cfg.dart.layer, "pivots_image": cfg.dart.pivots_image,
-                     "pivots_text": cfg.dart.pivots_text, "keep_ratio": cfg.dart.keep_ratio,
-                     "max_span": sizes["max_span"]},
-            "stages": _stage_signatures(modules["decoder"], dims, image_size, loaded.image_seq_len, cfg.dtype),
-            "decoder": dims,
-            "dynamic_axes": to_manifest(axes),
-            "max_context": cfg.max_context,
-            "tokens": tokens,
-            "preprocess": loaded.preprocess,
-            "prompt": loaded.prompt,
-            **({CHECKPOINT: checkpoint} if checkpoint else {}),
-        }, files)
+        result = _write_manifest(cfg, loaded, tmp, files, checkpoint, modules["decoder"], dims, axes,
+                                 sizes["max_span"])
         steps.update()
         steps.close()
         staging.publish()
@@ -195,29 +180,61 @@ def build(cfg: BuildConfig) -> dict:
     return result
 
 
-def _stage_signatures(flat, dims, image_size, n_vision, dtype_name) -> dict:
+def _write_manifest(cfg: BuildConfig, loaded, tmp: Path, files: list[str], checkpoint: list[str] | None,
+                    flat, dims: dict, axes: dict, max_span: int) -> Manifest:
+    """Build the engine's Manifest (runtime/manifest.py's schema) and write it into `tmp`."""
+    from export import manifest as writer
+    from runtime import manifest as schema
+
+    decoder = schema.DecoderSpec(**dims)
+    image_size = loaded.preprocess["image_size"]
+    m = schema.Manifest(
+        directory=tmp,
+        format_version=schema.FORMAT_VERSION,
+        family=loaded.family.name,
+        model=cfg.model,
+        dtype="float16" if cfg.dtype == "fp16" else "float32",
+        opset=cfg.opset,
+        dart=schema.DartSpec(layer=cfg.dart.layer, pivots_image=cfg.dart.pivots_image,
+                             pivots_text=cfg.dart.pivots_text, keep_ratio=cfg.dart.keep_ratio, max_span=max_span),
+        stages=_stage_signatures(flat, decoder, image_size, loaded.image_seq_len, cfg.dtype),
+        decoder=decoder,
+        dynamic_axes=dict(axes),
+        max_context=cfg.max_context,
+        tokens=schema.parse_tokens(loaded.tokens, decoder.vocab_size),
+        preprocess=schema.parse_preprocess(loaded.preprocess),
+        prompt=schema.parse_prompt(loaded.prompt),
+        checkpoint=tuple(checkpoint or ()),
+        files={name: writer.file_entry(tmp / name) for name in files},
+        tools=writer.tool_versions(),
+    )
+    return writer.write(m)
+
+
+def _stage_signatures(flat, dims, image_size: int, n_vision: int, dtype_name: str) -> dict:
+    """stage -> StageSpec (dims: runtime.manifest.DecoderSpec)."""
+    from runtime.manifest import StageSpec, TensorSpec
+
     f = "float16" if dtype_name == "fp16" else "float32"
-    D = dims["hidden_size"]
-    t = lambda name, dtype, shape: {"name": name, "dtype": dtype, "shape": shape}  # noqa: E731
+    D, H, hd = dims.hidden_size, dims.num_kv_heads, dims.head_dim
     K = flat.decoder.layer
-    kv = lambda prefix: [  # noqa: E731
-        t(n, f, ["batch", dims["num_kv_heads"], "past_full" if i // 2 < K else "past_kept", dims["head_dim"]])
-        for i, n in enumerate(flat._kv(prefix))
-    ]
-    present = [dict(x, shape=[x["shape"][0], x["shape"][1], "seq + " + x["shape"][2], x["shape"][3]]) for x in kv("present")]
+    past = lambda i: "past_full" if i // 2 < K else "past_kept"  # KV tensors come in pairs: layer i // 2
+    kv_past = [TensorSpec(n, f, ("batch", H, past(i), hd)) for i, n in enumerate(flat._kv("past"))]
+    kv_present = [TensorSpec(n, f, ("batch", H, "seq + " + past(i), hd)) for i, n in enumerate(flat._kv("present"))]
     return {
-        "vision_encoder": {"file": "vision_encoder.onnx",
-                           "inputs": [t("pixel_values", f, ["batch", 3, image_size, image_size])],
-                           "outputs": [t("image_features", f, ["batch", n_vision, D])]},
-        "embed_tokens": {"file": "embed_tokens.onnx",
-                         "inputs": [t("input_ids", "int64", ["batch", "seq"])],
-                         "outputs": [t("inputs_embeds", f, ["batch", "seq", D])]},
-        "decoder": {"file": "decoder.onnx",
-                    "inputs": [t("inputs_embeds", f, ["batch", "seq", D]), t("position_ids", "int64", ["batch", "seq"]),
-                               t("span_start", "int64", []), t("span_len", "int64", []), t("quota", "int64", []),
-                               *kv("past")],
-                    "outputs": [t("logits", f, ["batch", dims["vocab_size"]]), *present,
-                                t("kept_positions", "int64", ["batch", "kept"])]},
+        "vision_encoder": StageSpec("vision_encoder.onnx",
+                                    inputs=(TensorSpec("pixel_values", f, ("batch", 3, image_size, image_size)),),
+                                    outputs=(TensorSpec("image_features", f, ("batch", n_vision, D)),)),
+        "embed_tokens": StageSpec("embed_tokens.onnx",
+                                  inputs=(TensorSpec("input_ids", "int64", ("batch", "seq")),),
+                                  outputs=(TensorSpec("inputs_embeds", f, ("batch", "seq", D)),)),
+        "decoder": StageSpec("decoder.onnx",
+                             inputs=(TensorSpec("inputs_embeds", f, ("batch", "seq", D)),
+                                     TensorSpec("position_ids", "int64", ("batch", "seq")),
+                                     TensorSpec("span_start", "int64", ()), TensorSpec("span_len", "int64", ()),
+                                     TensorSpec("quota", "int64", ()), *kv_past),
+                             outputs=(TensorSpec("logits", f, ("batch", dims.vocab_size)), *kv_present,
+                                      TensorSpec("kept_positions", "int64", ("batch", "kept")))),
     }
 
 

@@ -1,29 +1,24 @@
-"""manifest.json of an engine directory (docs/ENGINE_FORMAT.md)."""
+"""Writing manifest.json of an engine directory (docs/ENGINE_FORMAT.md). The schema, its format
+constants and sha256 live in runtime/manifest.py (torch-free); the exporter builds those objects
+and writes them here."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
-FORMAT = "dart-vlm-engine"
-FORMAT_VERSION = 1
+from runtime.manifest import FORMAT, FORMAT_VERSION, FileEntry, Manifest, sha256_file, write_manifest
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "file_entry", "sha256", "tool_versions", "write"]
+
+sha256 = sha256_file  # one implementation (runtime's)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_entry(path: Path) -> dict:
+def file_entry(path: Path) -> FileEntry:
     """The manifest's "files" entry of one file: sha256 and size."""
-    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+    return FileEntry.of(path)
 
 
-def tool_versions() -> dict:
+def tool_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
@@ -35,10 +30,7 @@ def tool_versions() -> dict:
     return out
 
 
-def write(out_dir: Path, body: dict, files: list[str]) -> dict:
-    """Write manifest.json with the sha256 of `files` (relative to out_dir); returns the dict."""
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **body}
-    manifest["files"] = {name: file_entry(out_dir / name) for name in files}
-    manifest["tools"] = tool_versions()
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+def write(manifest: Manifest) -> Manifest:
+    """Write `manifest` as manifest.json in its directory (checked by reading it back first)."""
+    write_manifest(manifest)
     return manifest

@@ -6,7 +6,8 @@ only over a directory that is provably an engine directory we wrote.
         stage.publish()                                    # modes from the umask, atomic replace
 
 Rules (issue 9):
-- `--out` is replaced only when it is empty, or when its manifest.json parses as our format AND the
+- `--out` is replaced only when it is empty, or when its manifest.json parses as our format (any
+  format_version: re-exporting over an engine of an older version is how it is upgraded) AND the
   directory holds nothing but the files that manifest lists (plus the `checkpoint/` files it lists).
   Anything else is refused with one line (OutDirError) and left untouched.
 - `--out` that is a symlink is written where it points; the link stays.
@@ -20,19 +21,20 @@ Rules (issue 9):
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from export.manifest import FORMAT
+from runtime.errors import EngineError
+from runtime.manifest import CHECKPOINT_DIR, FORMAT, MANIFEST_NAME
+from runtime.manifest_json import read_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-CHECKPOINT = "checkpoint"
+MANIFEST = MANIFEST_NAME
+CHECKPOINT = CHECKPOINT_DIR
 
 
 class OutDirError(RuntimeError):
@@ -42,8 +44,20 @@ class OutDirError(RuntimeError):
 # --- is it ours? ---------------------------------------------------------------------------------
 
 
+def read_ours(out: Path) -> dict | None:
+    """The decoded manifest.json of `out` when it is one of ours (format "dart-vlm-engine", any
+    format_version), read with the runtime's bounded reader; None otherwise. Only the keys every
+    version has ("files", "checkpoint") are used, so an engine of an older version still counts."""
+    mpath = out / MANIFEST
+    try:
+        raw = read_json(mpath) if mpath.is_file() else None
+    except (EngineError, OSError):
+        return None
+    return raw if isinstance(raw, dict) and raw.get("format") == FORMAT else None
+
+
 def listed_files(manifest: dict) -> set[str]:
-    """Relative paths an engine directory may hold according to its manifest."""
+    """Relative paths an engine directory may hold according to its manifest (the JSON object)."""
     files = manifest.get("files")
     names = set(files) if isinstance(files, dict) else set()
     ckpt = manifest.get(CHECKPOINT)
@@ -77,12 +91,8 @@ def check_replaceable(out: Path) -> None:
     files, links = _tree(out)
     if not files and not links:
         return
-    mpath = out / MANIFEST
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else None
-    except (OSError, ValueError, RecursionError):
-        manifest = None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_ours(out)
+    if manifest is None:
         raise OutDirError(f"--out {out} is not empty and is not a DART-VLM engine directory (no {FORMAT} "
                           f"manifest.json); nothing was touched: choose another path or empty it yourself")
     extra = sorted(files - listed_files(manifest)) + sorted(links)

@@ -17,7 +17,7 @@ import torch
 
 from dart_ops.onnx_export import attach_dart_function, translation_table
 from dart_ops.spec import MAX_SPAN
-from export.axes import EXAMPLE_SEQ, Axis
+from export.axes import EXAMPLE_SEQ, Axis, torch_dim
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +69,14 @@ def _export(module, args, dynamic_shapes, input_names, output_names, opset, **da
 
 def export_vision_encoder(module, image_size: int, axes: dict[str, Axis], dtype, opset: int, out: Path):
     pixels = torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, dtype=dtype)
-    model = _export(module, (pixels,), ({0: axes["batch"].torch_dim()},),
+    model = _export(module, (pixels,), ({0: torch_dim(axes["batch"])},),
                     ["pixel_values"], ["image_features"], opset)
     return _save(model, out / "vision_encoder.onnx", force_external=False)
 
 
 def export_embed_tokens(module, axes: dict[str, Axis], opset: int, out: Path):
     ids = torch.randint(0, 10, (EXAMPLE_BATCH, 17))
-    model = _export(module, (ids,), ({0: axes["batch"].torch_dim(), 1: axes["seq"].torch_dim()},),
+    model = _export(module, (ids,), ({0: torch_dim(axes["batch"]), 1: torch_dim(axes["seq"])},),
                     ["input_ids"], ["inputs_embeds"], opset)
     return _save(model, out / "embed_tokens.onnx", force_external=False)
 
@@ -107,8 +107,8 @@ def dart_sizes(flat, image_seq_len: int) -> dict:
 
 def export_decoder(flat, dims: dict, axes: dict[str, Axis], dtype, sizes: dict, opset: int, out: Path):
     dec = flat.decoder
-    B, S = axes["batch"].torch_dim(), axes["seq"].torch_dim()
-    low, high = axes["past_full"].torch_dim(), axes["past_kept"].torch_dim()
+    B, S = torch_dim(axes["batch"]), torch_dim(axes["seq"])
+    low, high = torch_dim(axes["past_full"]), torch_dim(axes["past_kept"])
     kv = tuple({0: B, 2: low if i < 2 * dec.layer else high} for i in range(2 * dec.num_layers))
     model = _export(flat, decoder_example(flat, dims, dtype), ({0: B, 1: S}, {0: B, 1: S}, None, None, None, kv),
                     flat.input_names(), flat.output_names(), opset, **sizes)

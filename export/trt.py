@@ -22,7 +22,6 @@ itself is not run in CI (docs/JETSON.md says what is verified where).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.cli import EXIT_OK, Parser, dataclass_defaults, handle_sigterm, report
+from runtime.manifest import Manifest
 
 log = logging.getLogger("export.trt")
 
@@ -177,10 +177,12 @@ def _import_trt():
 def build_engines(cfg: TrtConfig) -> dict:
     """Build the three engines into cfg.engine_dir and add the "tensorrt" section to its manifest.
     Returns that section."""
-    manifest_path = cfg.engine_dir / "manifest.json"
-    if not manifest_path.is_file():
+    from runtime.manifest import read_manifest
+
+    if not (cfg.engine_dir / "manifest.json").is_file():
         raise TrtBuildError(f"{cfg.engine_dir} has no manifest.json: export it first with python -m export.build")
-    manifest = json.loads(manifest_path.read_text())
+    schema = read_manifest(cfg.engine_dir, verify=False)  # EngineError: not ours, old version, bad values
+    manifest = schema.to_json()
     specs = {stage: profile_specs(manifest, stage, cfg) for stage in STAGES}
     if cfg.dry_run:
         return {"profiles": specs}
@@ -197,7 +199,7 @@ def build_engines(cfg: TrtConfig) -> dict:
     pools = {trt.MemoryPoolType.WORKSPACE: cfg.workspace_mib << 20} if cfg.workspace_mib else None
     engines = {}
     for stage in STAGES:
-        onnx_path = cfg.engine_dir / manifest["stages"][stage]["file"]
+        onnx_path = cfg.engine_dir / schema.stages[stage].file
         out = cfg.engine_dir / f"{stage}.engine"
         t0 = time.perf_counter()
         log.info("%s: building TensorRT engine from %s (%s)...", stage, onnx_path.name,
@@ -225,24 +227,25 @@ def build_engines(cfg: TrtConfig) -> dict:
         "version": trt.__version__, "engines": engines, "strongly_typed": strongly, "fp16": cfg.fp16,
         "workspace_mib": cfg.workspace_mib, "profiles": specs,
     }
-    _update_manifest(manifest_path, manifest, section)
+    _update_manifest(schema, section)
     return section
 
 
-def _update_manifest(path: Path, manifest: dict, section: dict) -> None:
+def _update_manifest(manifest: Manifest, section: dict) -> Manifest:
     """Add the engines (with sha256) and the "tensorrt" section; atomic replace of manifest.json."""
-    from export.manifest import file_entry
+    from dataclasses import replace
 
-    files = dict(manifest["files"])
+    from runtime.manifest import FileEntry, TrtSpec, write_manifest
+
+    files = dict(manifest.files)
     for name in section["engines"].values():
-        files[name] = file_entry(path.parent / name)
-    manifest = {**manifest, "files": files, "tensorrt": section}
-    tmp = path.with_name(f".manifest.json.partial-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        files[name] = FileEntry.of(manifest.directory / name)
+    trt = TrtSpec(version=section["version"], engines=dict(section["engines"]),
+                  strongly_typed=section["strongly_typed"], fp16=section["fp16"],
+                  workspace_mib=section["workspace_mib"], profiles=section["profiles"])
+    manifest = replace(manifest, files=files, tensorrt=trt)
+    write_manifest(manifest)
+    return manifest
 
 
 # --- CLI -----------------------------------------------------------------------------------------

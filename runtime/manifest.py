@@ -1,36 +1,34 @@
-"""Read and validate an engine directory's manifest.json (docs/ENGINE_FORMAT.md, format_version 1).
+"""The manifest schema of an engine directory (docs/ENGINE_FORMAT.md, format_version 2): read,
+validated and written here; the exporter (export/manifest.py) builds these objects and writes them.
 
 `read_manifest(engine_dir)` parses the manifest into frozen dataclasses, refusing any value outside
 its documented range and any path that leaves the engine directory (symlinks followed), then runs
 the file checks of runtime/engine_checks.py (sizes, sha256 unless verify=False, external data).
 Anything wrong is an `EngineError` whose one-line message names the file or key and says what to
-do (usually: re-export).
+do (usually: re-export). `Manifest.to_json()` is the exact JSON object `Manifest.from_json` reads;
+`write_manifest(m)` writes it as manifest.json (indent 2, fixed key order).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, DartConfig
 from runtime.errors import EngineError
-from runtime.manifest_json import (  # noqa: F401  (EXPORT_HINT, MAX_*: part of this module's API)
-    DTYPES, EXPORT_HINT, MAX_MANIFEST_BYTES, MAX_NESTING, MAX_PATH, _dtype, _fail, _get, _int, _num,
-    _in_range, _opt_int, _read_json, _real, _rel_path, _show, _three,
+from runtime.manifest_json import (  # noqa: F401  (EXPORT_HINT, MAX_*, ...: part of this module's API)
+    DTYPES, EXPORT_HINT, FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_EOS, MAX_MANIFEST_BYTES, MAX_NESTING,
+    MAX_PATH, _dtype, _eos_ids, _fail, _get, _in_range, _inside, _int, _num, _opt_int, _read_json, _real,
+    _rel_path, _show, _three, check_format, check_template, dump, fields_json, plain, sha256_file, write_atomic,
 )
 
 log = logging.getLogger(__name__)
 
-FORMAT = "dart-vlm-engine"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 STAGE_NAMES = ("vision_encoder", "embed_tokens", "decoder")
-_HASH_CHUNK = 1 << 20  # 1 MiB
+CHECKPOINT_DIR = "checkpoint"  # weights that exist nowhere else (llava-tiny), listed in "checkpoint"
 
 # Bounds of manifest values (docs/ENGINE_FORMAT.md, "Ranges"). Generous for real models, small
 # enough that no value can make the runtime allocate without limit.
@@ -42,7 +40,6 @@ MAX_HEAD_DIM = 4096
 MAX_HIDDEN = 1 << 16
 MAX_IMAGE = 4096  # preprocess.image_size, preprocess.shortest_edge
 MAX_RANK = 8
-MAX_EOS = 64  # entries of tokens.eos_token_id
 OPSET_RANGE = (7, 64)
 RESAMPLE = ("bicubic", "bilinear")  # the filters runtime/preprocess.py reproduces exactly
 
@@ -53,6 +50,9 @@ class TensorSpec:
     dtype: str  # numpy-style name: "float32", "float16", "int64"
     shape: tuple[int | str, ...]  # ints for fixed dims, names (keys of dynamic_axes) for dynamic ones
 
+    def to_json(self) -> dict:
+        return fields_json(self)
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -62,6 +62,9 @@ class StageSpec:
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
+
+    def to_json(self) -> dict:
+        return fields_json(self)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,9 @@ class DartSpec:
         return DartConfig(layer=self.layer, pivots_image=self.pivots_image, pivots_text=self.pivots_text,
                           keep_ratio=self.keep_ratio if keep_ratio is None else keep_ratio)
 
+    def to_json(self) -> dict:
+        return {**fields_json(self), "keep_ratio": float(self.keep_ratio)}
+
 
 @dataclass(frozen=True)
 class DecoderSpec:
@@ -86,12 +92,21 @@ class DecoderSpec:
     hidden_size: int
     vocab_size: int
 
+    def to_json(self) -> dict:
+        return fields_json(self)
+
 
 @dataclass(frozen=True)
 class Axis:
+    """One dynamic axis, declared once at export (export/axes.py) with its name."""
+
     min: int
     opt: int
     max: int
+    name: str = ""  # the key in dynamic_axes (not written inside the object)
+
+    def to_json(self) -> dict:
+        return fields_json(self, skip=("name",))
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,12 @@ class TokenSpec:
     eos_token_ids: tuple[int, ...]  # manifest "eos_token_id": an int, a list of ints, or null
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+
+    def to_json(self) -> dict:
+        """eos_token_id as the file has it: null (none), an int (one) or a list (more)."""
+        eos = self.eos_token_ids
+        raw = fields_json(self, skip=("eos_token_ids",))
+        return {**raw, "eos_token_id": None if not eos else eos[0] if len(eos) == 1 else list(eos)}
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,10 @@ class PreprocessSpec:
     std: tuple[float, float, float]
     shortest_edge: int | None = None  # resize target of the shortest edge; None: image_size
     center_crop: bool = True  # crop the centre image_size x image_size after resizing
+
+    def to_json(self) -> dict:
+        return {**fields_json(self), "rescale": float(self.rescale), "mean": [float(x) for x in self.mean],
+                "std": [float(x) for x in self.std]}
 
     @property
     def resize_edge(self) -> int:
@@ -145,11 +170,22 @@ class PromptSpec:
     template_text_only: str  # has "{prompt}"
     add_special_tokens: bool
 
+    def to_json(self) -> dict:
+        return fields_json(self)
+
 
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
     bytes: int | None
+
+    @classmethod
+    def of(cls, path: Path) -> FileEntry:
+        """The entry of a file on disk: its sha256 and size."""
+        return cls(sha256_file(path), path.stat().st_size)
+
+    def to_json(self) -> dict:
+        return fields_json(self)
 
 
 @dataclass(frozen=True)
@@ -160,6 +196,11 @@ class TrtSpec:
     engines: dict[str, str]  # stage -> engine file
     strongly_typed: bool
     fp16: bool
+    workspace_mib: int | None = None  # builder memory-pool limit, informational
+    profiles: dict[str, list] = field(default_factory=dict)  # stage -> export.trt.profile_specs (plain data)
+
+    def to_json(self) -> dict:
+        return fields_json(self)
 
 
 @dataclass(frozen=True)
@@ -181,6 +222,23 @@ class Manifest:
     opset: int | None = None
     tools: dict[str, str] = field(default_factory=dict)
     tensorrt: TrtSpec | None = None
+    checkpoint: tuple[str, ...] = ()  # files under checkpoint/ (not hashed; export/outdir.py's ownership)
+
+    @classmethod
+    def from_json(cls, raw: Any, directory: Path) -> Manifest:
+        """The Manifest of a decoded manifest.json (format and version checked); no file checks."""
+        check_format(raw, Path(directory) / MANIFEST_NAME)
+        return parse_manifest(raw, Path(directory))
+
+    def to_json(self) -> dict:
+        """The JSON object of manifest.json, keys in the file's order; from_json reads it back equal."""
+        raw = {"format": FORMAT, **fields_json(self, skip=("directory", "tensorrt", "checkpoint", "opset"))}
+        order = ("format", "format_version", "family", "model", "dtype", "opset", "dart", "stages", "decoder",
+                 "dynamic_axes", "max_context", "tokens", "preprocess", "prompt", CHECKPOINT_DIR, "files",
+                 "tools", "tensorrt")
+        optional = {"opset": self.opset, CHECKPOINT_DIR: list(self.checkpoint) or None, "tensorrt": self.tensorrt}
+        raw.update({k: plain(v) for k, v in optional.items() if v is not None})
+        return {k: raw[k] for k in order if k in raw}
 
     def path(self, name: str) -> Path:
         """directory / name; EngineError when it resolves outside the directory (symlinks followed)."""
@@ -224,18 +282,6 @@ def _stage(name: str, d: Any) -> StageSpec:
     )
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not (isinstance(value, list) and len(value) <= MAX_EOS
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise _fail(f"'tokens.eos_token_id' must be an int, a list of at most {MAX_EOS} ints or null, "
-                    f"got {_show(value)}")
-    return tuple(value)
-
-
 def parse_tokens(tok: dict, vocab_size: int = MAX_DIM) -> TokenSpec:
     """The manifest's "tokens" object; token ids must lie in [0, vocab_size)."""
     hi = vocab_size - 1
@@ -250,26 +296,6 @@ def parse_tokens(tok: dict, vocab_size: int = MAX_DIM) -> TokenSpec:
         bos_token_id=_opt_int(tok, "bos_token_id", "tokens.", 0, hi),
         pad_token_id=_opt_int(tok, "pad_token_id", "tokens.", 0, hi),
     )
-
-
-def check_template(template: str, name: str) -> None:
-    """A chat template holds the user's text as exactly one `{prompt}` field, with no conversion or
-    format spec; literal braces are doubled (`{{`, `}}`). EngineError naming `prompt.<name>` otherwise
-    (checked when the engine loads, so a bad template never fails later, at generate time)."""
-    where = f"manifest.json: prompt.{name}"
-    if not isinstance(template, str):
-        raise EngineError(f"{where} must be a string, got {type(template).__name__}; re-export the engine")
-    try:
-        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
-    except ValueError as exc:  # unbalanced braces
-        raise EngineError(f"{where} is not a valid template ({exc}; write literal braces as {{{{ and }}}}); "
-                          "re-export the engine") from None
-    bad = ["{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
-           for f, conv, spec in fields if (f, conv, spec) != ("prompt", None, "")]
-    if bad or len(fields) != 1:
-        what = f"field(s) {', '.join(map(repr, bad))}" if bad else f"{len(fields)} {{prompt}} fields"
-        raise EngineError(f"{where} has {what}; it must hold exactly one {{prompt}} field (literal braces "
-                          "written as {{ and }}); re-export the engine")
 
 
 def _template(prm: dict, key: str) -> str:
@@ -355,7 +381,7 @@ def _axes(section: dict) -> dict[str, Axis]:
         lo, opt, hi = (_int(a, k, w, 0, MAX_TOKENS) for k in ("min", "opt", "max"))
         if not lo <= opt <= hi:
             raise _fail(f"'dynamic_axes.{name}' must have min <= opt <= max, got {lo}, {opt}, {hi}")
-        axes[name] = Axis(lo, opt, hi)
+        axes[name] = Axis(lo, opt, hi, name)
     return axes
 
 
@@ -376,6 +402,11 @@ def _stages(section: dict, axes: dict[str, Axis]) -> dict[str, StageSpec]:
                     raise _fail(f"stages.{stage_name} input '{t.name}' uses axis '{dim}' "
                                 "that dynamic_axes does not declare")
     return stages
+
+
+def _checkpoint(value: list) -> tuple[str, ...]:
+    return tuple(_rel_path(_get({"n": n}, "n", str, f"{CHECKPOINT_DIR}[{i}]."), f"'{CHECKPOINT_DIR}[{i}]'")
+                 for i, n in enumerate(value))
 
 
 def _tools(section: dict) -> dict[str, str]:
@@ -414,6 +445,7 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
         opset=_opt_int(raw, "opset", "", *OPSET_RANGE),
         tools=_tools(_get(raw, "tools", dict, "", default={})),
         tensorrt=_trt(raw.get("tensorrt"), files),
+        checkpoint=_checkpoint(_get(raw, CHECKPOINT_DIR, list, "", default=[])),
     )
 
 
@@ -434,33 +466,20 @@ def _trt(section: Any, files: dict) -> TrtSpec | None:
         engines=dict(engines),
         strongly_typed=_get(section, "strongly_typed", bool, "tensorrt.", default=False),
         fp16=_get(section, "fp16", bool, "tensorrt.", default=False),
+        workspace_mib=_opt_int(section, "workspace_mib", "tensorrt.", 1, 1 << 40),
+        profiles=_profiles(_get(section, "profiles", dict, "tensorrt.", default={})),
     )
 
 
+def _profiles(section: dict) -> dict[str, list]:
+    """The build's optimization profiles: informational (the plans hold them), kept as written."""
+    for stage, specs in section.items():
+        if not isinstance(specs, list):
+            raise _fail(f"'tensorrt.profiles.{stage}' must be a list, got {type(specs).__name__}")
+    return dict(section)
+
+
 # --- files ---------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (decoder weights can be many GB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _inside(directory: Path, name: str) -> Path:
-    """directory / name, after checking that it resolves (symlinks followed) inside `directory`."""
-    path = directory / name
-    try:
-        inside = path.resolve().is_relative_to(directory.resolve())
-    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
-        inside = False
-    if not inside:
-        shown = _show(name, MAX_PATH)
-        raise EngineError(f"{shown} resolves outside the engine directory {directory} ('..', an absolute "
-                          "path or a symlink); the runtime opens only files inside it: re-export the engine")
-    return path
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -474,16 +493,7 @@ def read_manifest(engine_dir: str | Path, verify: bool = True) -> Manifest:
     if not d.is_dir() or not mpath.is_file():
         raise EngineError(f"{d} is not an engine directory (no {MANIFEST_NAME}); export one with: "
                           f"{EXPORT_HINT}")
-    raw = _read_json(_inside(d, MANIFEST_NAME))
-    if not isinstance(raw, dict):
-        raise _fail("the top level must be a JSON object")
-    fmt, version = raw.get("format"), raw.get("format_version")
-    if fmt != FORMAT or type(version) is not int or version != FORMAT_VERSION:
-        raise EngineError(
-            f"{mpath} has format {_show(fmt)} version {_show(version)}; this runtime reads {FORMAT!r} "
-            f"version {FORMAT_VERSION}: re-export the engine with this version of dart-vlm ({EXPORT_HINT})"
-        )
-    manifest = parse_manifest(raw, d)
+    manifest = Manifest.from_json(_read_json(_inside(d, MANIFEST_NAME)), d)
     from runtime import engine_checks  # (it imports this module)
 
     engine_checks.check_files(manifest)
@@ -491,3 +501,14 @@ def read_manifest(engine_dir: str | Path, verify: bool = True) -> Manifest:
         engine_checks.verify_files(manifest)
     engine_checks.check_graph_files(manifest)
     return manifest
+
+
+def write_manifest(manifest: Manifest, directory: str | Path | None = None) -> Path:
+    """Write `manifest` as `directory`/manifest.json (default: manifest.directory), atomically.
+    The object is checked first by reading its JSON back: a writer cannot publish what the reader
+    refuses."""
+    raw = manifest.to_json()
+    parse_manifest(raw, manifest.directory)
+    path = Path(manifest.directory if directory is None else directory) / MANIFEST_NAME
+    write_atomic(path, dump(raw))
+    return path

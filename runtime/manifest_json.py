@@ -1,22 +1,35 @@
 """Typed, bounded reading of manifest.json (used by runtime/manifest.py): the JSON is read with a
 size cap, a nesting cap and duplicate keys refused; each value is fetched with its type and range
 checked. Every failure is one EngineError line naming the key ("manifest.json: 'dart.layer' must be
-in [1, 3], got -5; re-export ...")."""
+in [1, 3], got -5; re-export ...").
+
+Also the writing side: `plain`/`fields_json` turn the schema's dataclasses into the JSON object,
+`dump` gives the file's text (indent 2, trailing newline) and `write_atomic` replaces a file."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
+import os
+import shlex
+import string
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import EngineError
 
+FORMAT = "dart-vlm-engine"
+FORMAT_VERSION = 2  # 1 -> 2: written from runtime/manifest.py's schema (docs/ENGINE_FORMAT.md, "Versions")
+MANIFEST_NAME = "manifest.json"
 EXPORT_HINT = "python -m export.build --model llava-tiny"
+MAX_EOS = 64  # entries of tokens.eos_token_id
 MAX_MANIFEST_BYTES = 16 << 20  # manifest.json size, checked before reading
 MAX_NESTING = 32  # JSON objects / arrays inside each other
 MAX_PATH = 1024  # characters of a file name in the manifest
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+_HASH_CHUNK = 1 << 20  # 1 MiB
 
 
 # --- values --------------------------------------------------------------------------------------
@@ -110,6 +123,53 @@ def _dtype(d: dict, key: str, where: str) -> str:
     return value
 
 
+def check_template(template: str, name: str) -> None:
+    """A chat template holds the user's text as exactly one `{prompt}` field, with no conversion or
+    format spec; literal braces are doubled (`{{`, `}}`). EngineError naming `prompt.<name>` otherwise
+    (checked when the engine loads, so a bad template never fails later, at generate time)."""
+    where = f"manifest.json: prompt.{name}"
+    if not isinstance(template, str):
+        raise EngineError(f"{where} must be a string, got {type(template).__name__}; re-export the engine")
+    try:
+        fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:  # unbalanced braces
+        raise EngineError(f"{where} is not a valid template ({exc}; write literal braces as {{{{ and }}}}); "
+                          "re-export the engine") from None
+    bad = ["{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+           for f, conv, spec in fields if (f, conv, spec) != ("prompt", None, "")]
+    if bad or len(fields) != 1:
+        what = f"field(s) {', '.join(map(repr, bad))}" if bad else f"{len(fields)} {{prompt}} fields"
+        raise EngineError(f"{where} has {what}; it must hold exactly one {{prompt}} field (literal braces "
+                          "written as {{ and }}); re-export the engine")
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not (isinstance(value, list) and len(value) <= MAX_EOS
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise _fail(f"'tokens.eos_token_id' must be an int, a list of at most {MAX_EOS} ints or null, "
+                    f"got {_show(value)}")
+    return tuple(value)
+
+
+def _inside(directory: Path, name: str) -> Path:
+    """directory / name, after checking that it resolves (symlinks followed) inside `directory`."""
+    path = directory / name
+    try:
+        inside = path.resolve().is_relative_to(directory.resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        inside = False
+    if not inside:
+        shown = _show(name, MAX_PATH)
+        raise EngineError(f"{shown} resolves outside the engine directory {directory} ('..', an absolute "
+                          "path or a symlink); the runtime opens only files inside it: re-export the engine")
+    return path
+
+
+
 # --- the file ---------------------------------------------------------------------------------------
 
 
@@ -164,3 +224,69 @@ def _read_json(mpath: Path) -> Any:
     if _too_deep(raw):
         raise _fail(f"objects and arrays are nested more than {MAX_NESTING} deep")
     return raw
+
+
+def check_format(raw: Any, mpath: Path) -> None:
+    """EngineError unless `raw` is a JSON object of this format and version. An engine of an older
+    version of the format gets the command that re-exports it."""
+    if not isinstance(raw, dict):
+        raise _fail("the top level must be a JSON object")
+    fmt, version = raw.get("format"), raw.get("format_version")
+    if fmt == FORMAT and type(version) is int and 1 <= version < FORMAT_VERSION:
+        model = raw.get("model")
+        model = model if isinstance(model, str) and model.isprintable() and 0 < len(model) <= MAX_PATH else "MODEL"
+        command = f"python -m export.build --model {shlex.quote(model)} --out {shlex.quote(str(mpath.parent))}"
+        raise EngineError(f"{mpath} is format version {version}, older than this runtime's {FORMAT_VERSION}: "
+                          f"re-export the engine with: {command}")
+    if fmt != FORMAT or type(version) is not int or version != FORMAT_VERSION:
+        raise EngineError(
+            f"{mpath} has format {_show(fmt)} version {_show(version)}; this runtime reads {FORMAT!r} "
+            f"version {FORMAT_VERSION}: re-export the engine with this version of dart-vlm ({EXPORT_HINT})"
+        )
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    """The JSON form of a schema value: objects through their to_json(), tuples as lists."""
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def fields_json(obj: Any, skip: tuple[str, ...] = ()) -> dict:
+    """A dataclass's fields in declaration order (the file's key order), as JSON values."""
+    return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name not in skip}
+
+
+def dump(raw: dict) -> str:
+    """The text of manifest.json: indent 2, keys in the order given, a trailing newline."""
+    return json.dumps(raw, indent=2) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` through a temporary file in the same directory (readers see the
+    old file or the new one, never half of one)."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (decoder weights can be many GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+read_json = _read_json  # the bounded reader under a public name (export/outdir.py reads any version)

@@ -78,7 +78,7 @@ def test_refuses_to_overwrite_a_non_engine_directory(tmp_path):
 
 def test_engine_directory(tiny_engine):
     out, manifest = tiny_engine
-    assert manifest["format"] == "dart-vlm-engine" and manifest["format_version"] == 1
+    assert manifest["format"] == "dart-vlm-engine" and manifest["format_version"] == 2
     assert manifest["dart"] == {"layer": 2, "pivots_image": 4, "pivots_text": 4, "keep_ratio": 0.111,
                                 "max_span": 584}
     assert manifest["tokens"]["image_token_id"] == 1023 and manifest["tokens"]["image_seq_len"] == 576

@@ -210,7 +210,7 @@ def _raw(tmp_path: Path, text: str | bytes) -> Path:
 
 @pytest.mark.parametrize("depth", [40, 100_000])
 def test_deep_nesting_is_refused(tmp_path, depth):
-    text = '{"format": "dart-vlm-engine", "format_version": 1, "tools": ' + "[" * depth + "]" * depth + "}"
+    text = '{"format": "dart-vlm-engine", "format_version": 2, "tools": ' + "[" * depth + "]" * depth + "}"
     with pytest.raises(EngineError) as e:
         read_manifest(_raw(tmp_path, text), verify=False)
     one_line_error(e, "manifest.json: objects and arrays are nested more than 32 deep")
@@ -232,7 +232,7 @@ def test_huge_manifest_is_refused_before_reading(tmp_path):
 
 @pytest.mark.parametrize("text, expected", [
     ('{"a": 1, "a": 2}', "manifest.json: key 'a' appears twice in one object"),
-    ('{"format": "dart-vlm-engine", "format_version": 1, "x": ' + "9" * 5000 + "}",
+    ('{"format": "dart-vlm-engine", "format_version": 2, "x": ' + "9" * 5000 + "}",
      ("is not valid JSON (Exceeds the limit (4300 digits) for integer string conversion: value has 5000 "
      "digits)")),
     (b'{"format": "\xff"}', "is not valid JSON ("),

@@ -149,7 +149,7 @@ def _with_trt_section(src: Path, dst: Path, version: str) -> Path:
 
     for stage in trt.STAGES:
         (dst / f"{stage}.engine").write_bytes(b"placeholder plan for " + stage.encode())
-        m["files"][f"{stage}.engine"] = file_entry(dst / f"{stage}.engine")
+        m["files"][f"{stage}.engine"] = file_entry(dst / f"{stage}.engine").to_json()
     m["tensorrt"] = {"version": version, "engines": {s: f"{s}.engine" for s in trt.STAGES},
                      "strongly_typed": True, "fp16": False, "profiles": {}}
     (dst / "manifest.json").write_text(json.dumps(m))
