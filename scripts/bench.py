@@ -4,7 +4,8 @@
     python scripts/bench.py --engine-dir engines/llava-tiny --repeats 1 --json out.json
     python scripts/bench.py --model llava-7b-shape --device cuda --dtype fp16 --runtimes eager-hf,eager-dart
 
-The measuring code is export/benchmark.py; the table and plot come from export/bench_report.py.
+The measuring code is the bench/ package (bench/run.py, runners.py, probes.py); the JSON document,
+table and plot come from bench/report.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from export.benchmark import RUNTIMES, BenchConfig
+from bench.config import RUNTIMES, BenchConfig
 from export.cli import EXIT_OK, Parser, dataclass_defaults, report
 
 log = logging.getLogger("bench")
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
             logging.getLogger(noisy).setLevel(logging.WARNING)
     from tqdm import tqdm
 
-    from export import bench_report, benchmark
+    from bench import report as bench_report
+    from bench import run as benchmark  # benchmark.run(cfg): looked up at call time (tests replace it)
 
     try:
         if cfg.device.startswith("cuda"):
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
                    disable=not sys.stderr.isatty())
         rows, meta = benchmark.run(cfg, progress=bar.update)
         bar.close()
-        doc = benchmark.to_json(rows, meta)
+        doc = bench_report.to_json(rows, meta)
         print(bench_report.format_table(rows, meta, doc["targets"]))
         if args.json:
             _write_atomic(args.json, lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))

@@ -1,4 +1,4 @@
-"""scripts/bench.py (export/benchmark.py, bench_runners.py, bench_probes.py, bench_report.py): one small benchmark run on
+"""scripts/bench.py (the bench/ package: run.py, runners.py, probes.py, report.py): one small benchmark run on
 llava-tiny through the CLI, checked for the JSON document, table and plot it writes; bad input;
 and unit tests of the profile parsing (dart_share) and the peak-RSS meter (PeakRSS)."""
 
@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.probes import BenchError, PeakRSS, dart_share
 from dart_ops import flops
 from dart_ops.onnx_op import NODE_PREFIX
 from dart_ops.spec import DartConfig
-from export.bench_probes import BenchError, PeakRSS, dart_share
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "scripts/bench.py"
 MiB = 1 << 20
 LOW = 0.111
-MARK = NODE_PREFIX.rstrip("/")  # what OrtRunner.profile_dart looks for
+MARK = NODE_PREFIX.rstrip("/")  # what EngineRunner.profile_dart looks for
 EXPECTED_ROWS = [("eager-hf", 1.0), ("eager-dart", 1.0), ("eager-dart", LOW), ("ort", 1.0), ("ort", LOW)]
 POSITIVE = ("vision_ms", "prefill_ms", "decode_tok_s", "e2e_ms", "kv_bytes", "peak_rss_bytes",
             "flop_limit_speedup", "prefill_speedup")

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper
 
 from dart_ops.spec import DartConfig
 from export import build, check_trt, trt
-from export.benchmark import BenchConfig
+from bench.config import BenchConfig
 from runtime import cli, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,8 +240,8 @@ def test_build_failure(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_trt_failure(manifest_dir, capsys):
-    assert trt.main(["--engine-dir", str(manifest_dir), "--max-batch", "999", "--dry-run"]) == 1
+def test_trt_failure(tiny_engine, capsys):
+    assert trt.main(["--engine-dir", str(tiny_engine[0]), "--max-batch", "999", "--dry-run"]) == 1
     out = capsys.readouterr()
     assert _one_error_line(out.err) == ("error: trt: --max-batch 999 exceeds the exported axis 'batch' "
                                         "(max 4); re-export with a larger limit")
@@ -278,7 +278,7 @@ def test_run_failure(tmp_path, capsys):
 
 
 def test_bench_failure(manifest_dir, tmp_path, capsys, monkeypatch):
-    from export import benchmark
+    from bench import run as benchmark
 
     def fails(cfg, progress=None):
         raise benchmark.BenchError(f"\x1b[31mno rows\x1b[0m for {cfg.model}\nat all")

@@ -273,7 +273,7 @@ def test_llava_tiny_tokens_bit_identical(tiny_pipes, ratio, monkeypatch):
 
 
 def _ab_config(engine_dir, **kw):
-    from export.benchmark import BenchConfig
+    from bench.config import BenchConfig
 
     base = {"model": "llava-tiny", "engine_dir": engine_dir, "ratios": (1.0, 0.111), "runtimes": ("ort",),
             "new_tokens": 4, "repeats": 2, "warmup": 1, "threads": 1, "profile": False}
@@ -281,8 +281,8 @@ def _ab_config(engine_dir, **kw):
 
 
 def test_kv_binding_ab_on_llava_tiny(tiny_engine, tiny_pipes):
-    from export.bench_runners import OrtRunner
-    from export.benchmark import kv_binding_ab
+    from bench.run import kv_binding_ab
+    from bench.runners import EngineRunner as OrtRunner
 
     engine_dir, _ = tiny_engine
     runner = OrtRunner(engine_dir, "cpu", 1)
@@ -306,9 +306,9 @@ def test_kv_binding_ab_on_llava_tiny(tiny_engine, tiny_pipes):
 
 
 def test_kv_binding_ab_refuses_diverging_paths(tiny_engine, monkeypatch):
-    from export.bench_probes import BenchError
-    from export.bench_runners import OrtRunner
-    from export.benchmark import kv_binding_ab
+    from bench.probes import BenchError
+    from bench.run import kv_binding_ab
+    from bench.runners import EngineRunner as OrtRunner
 
     engine_dir, _ = tiny_engine
     runner = OrtRunner(engine_dir, "cpu", 1)
@@ -324,7 +324,7 @@ def test_kv_binding_ab_refuses_diverging_paths(tiny_engine, monkeypatch):
 
 
 def test_bench_run_adds_the_ab_to_meta(tiny_engine):
-    from export.benchmark import run, total_runs
+    from bench.run import run, total_runs
 
     cfg = _ab_config(tiny_engine[0], ratios=(1.0,), repeats=1, warmup=0, kv_binding_ab=True)
     ticks = []

@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 MiB = 1 << 20
+SCHEMA = "dart-vlm-bench/1"
+
+
+def targets(rows: list) -> list[dict]:
+    """The issue's targets, evaluated on these rows (at the smallest ratio measured)."""
+    ort = {r.keep_ratio: r for r in rows if r.runtime == "ort"}
+    eager = {r.keep_ratio: r for r in rows if r.runtime == "eager-dart"}
+    pruned = sorted(r for r in ort if r < 1.0)
+    out = []
+    if 1.0 in ort and pruned:
+        low = ort[pruned[0]]
+        out.append({"target": f"ort prefill speed-up at {low.keep_ratio:g} >= 90% of the FLOP limit",
+                    "value": low.speedup_vs_limit, "threshold": 0.9, "met": low.speedup_vs_limit >= 0.9})
+    common = sorted(set(ort) & set(eager))
+    if common:
+        r = min(common)
+        ratio = eager[r].prefill_ms / ort[r].prefill_ms
+        out.append({"target": f"ort prefill >= 2x faster than eager-dart at {r:g}", "value": ratio,
+                    "threshold": 2.0, "met": ratio >= 2.0})
+    if pruned and ort[pruned[0]].dart_prune_share is not None:
+        share = ort[pruned[0]].dart_prune_share
+        out.append({"target": f"DartPrune < 2% of ort prefill (time to first token) at {pruned[0]:g}",
+                    "value": share, "threshold": 0.02, "met": share < 0.02})
+    return out
+
+
+def to_json(rows: list, meta: dict) -> dict:
+    return {"schema": SCHEMA, "meta": meta, "rows": [asdict(r) for r in rows],
+            "targets": targets(rows)}
 
 
 def _row_cells(r) -> list[str]:
@@ -29,16 +59,16 @@ def format_table(rows, meta: dict, targets: list[dict]) -> str:
     """A fixed-width table of the rows, the conditions above it and the targets below it."""
     cells = [HEADER] + [_row_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
-    fmt = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths)))  # noqa: E731
+    fmt = lambda c: "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths)))
     v = meta["versions"]
     lines = [
-        f"model {meta['model']} ({meta['dtype']}), prompt {meta['prompt_tokens']} tokens "
+        (f"model {meta['model']} ({meta['dtype']}), prompt {meta['prompt_tokens']} tokens "
         f"({meta['vision_tokens']} vision), {meta['new_tokens']} new tokens, "
-        f"{meta['warmup']} warm-up + {meta['repeats']} timed runs per row (median, min-max)",
+        f"{meta['warmup']} warm-up + {meta['repeats']} timed runs per row (median, min-max)"),
         f"{meta['cpu']}, {meta['threads']} threads; " + ", ".join(f"{k} {x}" for k, x in v.items())
         + (f"; GPU {meta['gpu']}" if meta.get("gpu") else ""),
-        "prefill = time to first token (vision + embed + decoder prefill); speed-up = prefill at keep 1.0 "
-        "/ prefill, same runtime; FLOP limit and GFLOP/s from dart_ops.flops; DartPrune = its share of prefill",
+        ("prefill = time to first token (vision + embed + decoder prefill); speed-up = prefill at keep 1.0 "
+        "/ prefill, same runtime; FLOP limit and GFLOP/s from dart_ops.flops; DartPrune = its share of prefill"),
         *[f"one fp32 matmul {'x'.join(map(str, m['shape']))} (the MLP's up-projection): "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in m["gflop_s"].items()) for m in meta.get("matmul", [])],
         "",

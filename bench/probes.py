@@ -1,9 +1,10 @@
-"""What scripts/bench.py measures with, apart from the runs themselves: peak memory, per-token
+"""What the benchmark (bench/) measures with, apart from the runs themselves: peak memory, per-token
 and vision clocks, KV-cache bytes, DartPrune's share of an ONNX Runtime profile, the machine's
 matmul rate, and the environment (machine, versions)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -86,29 +87,29 @@ class TokenClock:
 
 
 class VisionClock:
-    """Times the vision tower + projector of a HF LLaVA model through forward hooks."""
+    """Times the vision encoder + projector of a HF vision-language model: its base model's
+    `get_image_features` (what HF's own forward and dart_ops.eager.EagerDart both call, for every
+    family), wrapped on the instance while the clock is open."""
 
     def __init__(self, model, sync):
         self.sync = sync
         self.ms: list[float] = []
-        self._t0 = 0.0
-        inner = model.model
-        self.handles = [
-            inner.vision_tower.register_forward_pre_hook(self._start),
-            inner.multi_modal_projector.register_forward_hook(self._stop),
-        ]
+        self.inner = model.base_model  # LlavaModel for LlavaForConditionalGeneration
+        timed = self.inner.get_image_features
 
-    def _start(self, *_):
-        self.sync()
-        self._t0 = time.perf_counter()
+        @functools.wraps(timed)  # HF generate reads its signature to pick the encoder's arguments
+        def get_image_features(*args, **kwargs):
+            self.sync()
+            t0 = time.perf_counter()
+            out = timed(*args, **kwargs)
+            self.sync()
+            self.ms.append(1e3 * (time.perf_counter() - t0))
+            return out
 
-    def _stop(self, *_):
-        self.sync()
-        self.ms.append(1e3 * (time.perf_counter() - self._t0))
+        self.inner.get_image_features = get_image_features
 
     def close(self):
-        for h in self.handles:
-            h.remove()
+        del self.inner.get_image_features  # the class's method again
 
 
 class PrefillKV:
