@@ -17,7 +17,11 @@ __all__ = ["EngineError", "GenerateOutput", "InputError", "Pipeline", "load"]
 
 
 def __getattr__(name: str):
-    if name in ("load", "Pipeline", "GenerateOutput"):
+    if name == "load":
+        from runtime import engine
+
+        return engine.load
+    if name in ("Pipeline", "GenerateOutput"):
         from runtime import pipeline
 
         return getattr(pipeline, name)

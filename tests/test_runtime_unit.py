@@ -177,7 +177,7 @@ def _spec(name, dtype, shape):
 def make_manifest(files: dict[str, Path], eos=EOS, keep_ratio: float = 0.5, **overrides) -> dict:
     kv = lambda name, past: _spec(name, "float32", ["batch", 1, past, D])
     m = {
-        "format": "dart-vlm-engine", "format_version": 2, "family": "fake", "model": "fake-tiny",
+        "format": "dart-vlm-engine", "format_version": 2, "family": "llava", "model": "fake-tiny",
         "dtype": "float32", "opset": 17,
         "dart": {"layer": 1, "pivots_image": P_IMG, "pivots_text": P_TXT, "keep_ratio": keep_ratio, "max_span": 3840},
         "files": {name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for name, p in files.items()},

@@ -1,0 +1,87 @@
+"""LLaVA-1.5's run-time rules: one image, preprocessed to one square crop (runtime/preprocess.py),
+expanded to tokens.image_seq_len image tokens by the chat template; its features replace that one
+run of image tokens; positions are arange(S) in prefill and S + t at decode step t; the decoder's
+kept_positions are the kept tokens' position ids, which arange(S) makes the sequence indices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from runtime.errors import InputError
+from runtime.families import (
+    Positions,
+    Span,
+    VisionInput,
+    as_array,
+    indices_of_positions,
+    np_dtype,
+    place_features,
+    register,
+)
+from runtime.preprocess import ImageLike, preprocess
+from runtime.prompt import PromptBuilder, find_span
+
+
+@register("llava")
+class LlavaRules:
+    """LLaVA-1.5 (llava-hf/llava-1.5-*): one image per prompt, image_seq_len tokens each."""
+
+    def __init__(self, manifest, prompt: PromptBuilder):
+        self.manifest, self.prompt = manifest, prompt
+        spec = manifest.stages["vision_encoder"].inputs[0]
+        self.pixel_name, self.pixel_dtype = spec.name, np_dtype(spec.dtype, "vision_encoder")
+
+    def vision_inputs(self, image: ImageLike | None, pixel_values) -> VisionInput | None:
+        """The vision graph's feeds for `image` (preprocessed here) or checked `pixel_values`."""
+        pixels = self._pixels(image, pixel_values)
+        if pixels is None:
+            return None
+        return VisionInput({self.pixel_name: pixels}, (self.manifest.tokens.image_seq_len,))
+
+    def _pixels(self, image, pixel_values) -> np.ndarray | None:
+        if image is not None and pixel_values is not None:
+            raise InputError("give either image or pixel_values, not both")
+        if image is not None:
+            return preprocess(image, self.manifest.preprocess).astype(self.pixel_dtype, copy=False)
+        if pixel_values is None:
+            return None
+        size = self.manifest.preprocess.image_size
+        want = f"a float array [1, 3, {size}, {size}]"
+        pv = as_array(pixel_values, "pixel_values", want)
+        if pv.shape != (1, 3, size, size) or not np.issubdtype(pv.dtype, np.floating):
+            raise InputError(f"pixel_values must be {want}, got {pv.dtype} {list(pv.shape)}")
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+            pv = pv.astype(self.pixel_dtype, copy=False)  # (1, 3, H, W): small, the shape is checked
+        if not np.isfinite(pv).all():
+            raise InputError(f"pixel_values hold NaN or infinite values (as {pv.dtype}); give finite, normalised "
+                             "pixels (or pass image= and let the engine preprocess it)")
+        return pv
+
+    def prompt_ids(self, text: str | None, ids: list[int] | None, vision: VisionInput | None) -> list[int]:
+        """The chat template around `text`, or checked `ids`; one image token expanded to image_seq_len."""
+        if text is not None:
+            return self.prompt.encode(text, vision is not None)
+        return self.prompt.expand(ids)
+
+    def spans(self, ids: Sequence[int]) -> tuple[Span, ...]:
+        start, length = find_span(ids, self.manifest.tokens.image_token_id)
+        return ((start, length),) if length else ()
+
+    @staticmethod
+    def place(embeds: np.ndarray, features: np.ndarray, spans: Sequence[Span]) -> np.ndarray:
+        return place_features(embeds, features, spans)  # (1, S, D)
+
+    @staticmethod
+    def positions(ids: Sequence[int], spans: Sequence[Span], vision: VisionInput | None) -> Positions:
+        S = len(ids)
+        return Positions(np.arange(S, dtype=np.int64)[None], S)  # (1, S); decode step t at S + t
+
+    @staticmethod
+    def decode_positions(position: int) -> np.ndarray:
+        return np.array([[position]], dtype=np.int64)  # (1, 1)
+
+    @staticmethod
+    def kept_indices(kept: np.ndarray, positions: Positions) -> list[int]:
+        return indices_of_positions(kept, positions.prefill)
