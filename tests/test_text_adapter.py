@@ -374,3 +374,58 @@ def test_llava_family_supplies_the_llama_adapter(tiny_llava):
     config = tiny_llava.config.to_dict()
     assert family.flop_shape(config) == ModelShape.from_llava_config(config)
     assert family.flop_shape(config).text.kv_heads == 2
+
+
+def test_mrope_decoder_exports_with_one_dartprune_node_and_matches_eager():
+    """The 3-row M-RoPE decoder (Qwen2-VL text stack) exports like LLaVA's: position_ids [3, batch,
+    seq] stay dynamic, one dart::DartPrune node, and ONNX Runtime equals eager (kept indices exactly,
+    logits within 1e-4) for two quotas, no pruning, and a decode step at S + rope_delta."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from dart_ops.decoder import FlatDecoder
+    from dart_ops.onnx_export import attach_dart_function, translation_table
+
+    vl = _build("qwen2_vl")
+    vl.model.config._attn_implementation = "eager"
+    flat = FlatDecoder(DartDecoder(_adapter(vl), layer=2)).eval()
+    n = len(flat.input_names()) - 5  # past tensors
+    B, Sd = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=1, max=1024)
+    PF, PK = torch.export.Dim("past_full", min=0, max=1024), torch.export.Dim("past_kept", min=0, max=1024)
+    pos, delta = _mrope_positions()
+    kv_heads, head_dim = flat.decoder.text.dims.kv_heads, flat.decoder.text.dims.head_dim
+    hidden = flat.decoder.text.dims.hidden
+    args = (torch.randn(2, S, hidden), pos.expand(3, 2, S), torch.tensor(A), torch.tensor(L), torch.tensor(3),
+            tuple(torch.zeros(2, kv_heads, 0, head_dim) for _ in range(n)))
+    kv = tuple({0: B, 2: PF if i < 2 * 2 else PK} for i in range(n))
+    with torch.no_grad():
+        prog = torch.onnx.export(flat, args, dynamo=True, opset_version=18,
+                                 dynamic_shapes=({0: B, 1: Sd}, {1: B, 2: Sd}, None, None, None, kv),
+                                 input_names=flat.input_names(), output_names=flat.output_names(),
+                                 custom_translation_table=translation_table(), verbose=False)
+    m = attach_dart_function(prog.model_proto)
+    dims = [d.dim_param or d.dim_value for d in m.graph.input[1].type.tensor_type.shape.dim]
+    assert dims[0] == 3 and all(isinstance(d, str) for d in dims[1:]), dims
+    assert sum(node.domain == "dart" for node in m.graph.node) == 1
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(1, S, hidden, generator=g)
+    empty = tuple(torch.zeros(1, kv_heads, 0, head_dim) for _ in range(n))
+    past_names = flat.input_names()[5:]
+    with torch.no_grad():
+        for span, quota in [(L, 3), (L, 1), (0, 0)]:
+            want = flat(emb, pos, torch.tensor(A), torch.tensor(span), torch.tensor(quota), empty)
+            feeds = {"inputs_embeds": emb.numpy(), "position_ids": pos.numpy(), "span_start": np.array(A),
+                     "span_len": np.array(span), "quota": np.array(quota)}
+            feeds.update({name: t.numpy() for name, t in zip(past_names, empty)})
+            got = sess.run(None, feeds)
+            assert np.array_equal(got[-1], want[-1].numpy()), (span, quota)
+            assert np.abs(got[0] - want[0].numpy()).max() < 1e-4, (span, quota)
+        prefill = flat(emb, pos, torch.tensor(A), torch.tensor(L), torch.tensor(3), empty)
+        step = (torch.randn(1, 1, hidden, generator=g), torch.full((3, 1, 1), S + delta), torch.tensor(0),
+                torch.tensor(0), torch.tensor(0))
+        want = flat(*step, tuple(prefill[1:-1]))
+        feeds = {name: t.numpy() for name, t in zip(flat.input_names(), step)}
+        feeds.update({name: t.numpy() for name, t in zip(past_names, prefill[1:-1])})
+        got = sess.run(None, feeds)
+        assert np.abs(got[0] - want[0].numpy()).max() < 1e-4
