@@ -8,7 +8,7 @@ from runtime.manifest import Axis
 
 __all__ = ["EXAMPLE_SEQ", "VALIDATION_TEXT", "Axis", "declare", "min_seq", "torch_dim"]
 
-# The decoder is traced with a prompt of EXAMPLE_SEQ tokens (export.stages.decoder_example) and
+# The decoder is traced with a prompt of EXAMPLE_SEQ tokens (export.stages.EXAMPLE_SIZES) and
 # validated on one with VALIDATION_TEXT text tokens around a full image (export.validate): the
 # seq axis must reach both, or the export fails after minutes with an exporter error.
 EXAMPLE_SEQ = 100

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -125,6 +126,7 @@ def build(cfg: BuildConfig) -> Manifest | None:
 
     from export import stages
     from export.axes import declare
+    from export.declare import check_graph
     from export.validate import validate
 
     dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
@@ -146,16 +148,16 @@ def build(cfg: BuildConfig) -> Manifest | None:
         sizes = stages.dart_sizes(modules["decoder"], loaded.image_seq_len)
         axes = declare(cfg.max_batch, cfg.max_seq, cfg.max_context, loaded.image_seq_len)
         image_size = loaded.preprocess["image_size"]
+        decls = family.stage_decls(loaded, modules["decoder"], dims, _dtype_name(cfg.dtype))
         steps.update()
         files: list[str] = []
         with stages.eager_attention(loaded.model), torch.no_grad():
-            for stage, fn, args in (
-                ("vision_encoder", stages.export_vision_encoder, (modules["vision_encoder"], image_size, axes, dtype)),
-                ("embed_tokens", stages.export_embed_tokens, (modules["embed_tokens"], axes)),
-                ("decoder", stages.export_decoder, (modules["decoder"], dims, axes, dtype, sizes)),
-            ):
+            exporters = {"vision_encoder": stages.export_vision_encoder, "embed_tokens": stages.export_embed_tokens,
+                         "decoder": functools.partial(stages.export_decoder, sizes=sizes)}
+            for stage, fn in exporters.items():
                 steps.set_postfix_str(stage)
-                files += stages.timed(stage, fn, *args, cfg.opset, tmp)
+                files += stages.timed(stage, fn, modules[stage], decls[stage], axes, cfg.opset, tmp)
+                check_graph(decls[stage], tmp / decls[stage].file)  # every declared dynamic axis still dynamic
                 steps.update()
             (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
             files.append("tokenizer.json")
@@ -171,8 +173,7 @@ def build(cfg: BuildConfig) -> Manifest | None:
             checkpoint = sorted(p.relative_to(tmp / CHECKPOINT).as_posix()
                                 for p in (tmp / CHECKPOINT).rglob("*") if p.is_file())
         steps.update()
-        result = _write_manifest(cfg, loaded, tmp, files, checkpoint, modules["decoder"], dims, axes,
-                                 sizes["max_span"])
+        result = _write_manifest(cfg, loaded, tmp, files, checkpoint, decls, dims, axes, sizes["max_span"])
         steps.update()
         steps.close()
         staging.publish()
@@ -181,23 +182,23 @@ def build(cfg: BuildConfig) -> Manifest | None:
 
 
 def _write_manifest(cfg: BuildConfig, loaded, tmp: Path, files: list[str], checkpoint: list[str] | None,
-                    flat, dims: dict, axes: dict, max_span: int) -> Manifest:
+                    decls: dict, dims: dict, axes: dict, max_span: int) -> Manifest:
     """Build the engine's Manifest (runtime/manifest.py's schema) and write it into `tmp`."""
     from export import manifest as writer
+    from export.declare import signature
     from runtime import manifest as schema
 
     decoder = schema.DecoderSpec(**dims)
-    image_size = loaded.preprocess["image_size"]
     m = schema.Manifest(
         directory=tmp,
         format_version=schema.FORMAT_VERSION,
         family=loaded.family.name,
         model=cfg.model,
-        dtype="float16" if cfg.dtype == "fp16" else "float32",
+        dtype=_dtype_name(cfg.dtype),
         opset=cfg.opset,
         dart=schema.DartSpec(layer=cfg.dart.layer, pivots_image=cfg.dart.pivots_image,
                              pivots_text=cfg.dart.pivots_text, keep_ratio=cfg.dart.keep_ratio, max_span=max_span),
-        stages=_stage_signatures(flat, decoder, image_size, loaded.image_seq_len, cfg.dtype),
+        stages={name: signature(decl) for name, decl in decls.items()},
         decoder=decoder,
         dynamic_axes=dict(axes),
         max_context=cfg.max_context,
@@ -211,31 +212,9 @@ def _write_manifest(cfg: BuildConfig, loaded, tmp: Path, files: list[str], check
     return writer.write(m)
 
 
-def _stage_signatures(flat, dims, image_size: int, n_vision: int, dtype_name: str) -> dict:
-    """stage -> StageSpec (dims: runtime.manifest.DecoderSpec)."""
-    from runtime.manifest import StageSpec, TensorSpec
-
-    f = "float16" if dtype_name == "fp16" else "float32"
-    D, H, hd = dims.hidden_size, dims.num_kv_heads, dims.head_dim
-    K = flat.decoder.layer
-    past = lambda i: "past_full" if i // 2 < K else "past_kept"  # KV tensors come in pairs: layer i // 2
-    kv_past = [TensorSpec(n, f, ("batch", H, past(i), hd)) for i, n in enumerate(flat._kv("past"))]
-    kv_present = [TensorSpec(n, f, ("batch", H, "seq + " + past(i), hd)) for i, n in enumerate(flat._kv("present"))]
-    return {
-        "vision_encoder": StageSpec("vision_encoder.onnx",
-                                    inputs=(TensorSpec("pixel_values", f, ("batch", 3, image_size, image_size)),),
-                                    outputs=(TensorSpec("image_features", f, ("batch", n_vision, D)),)),
-        "embed_tokens": StageSpec("embed_tokens.onnx",
-                                  inputs=(TensorSpec("input_ids", "int64", ("batch", "seq")),),
-                                  outputs=(TensorSpec("inputs_embeds", f, ("batch", "seq", D)),)),
-        "decoder": StageSpec("decoder.onnx",
-                             inputs=(TensorSpec("inputs_embeds", f, ("batch", "seq", D)),
-                                     TensorSpec("position_ids", "int64", ("batch", "seq")),
-                                     TensorSpec("span_start", "int64", ()), TensorSpec("span_len", "int64", ()),
-                                     TensorSpec("quota", "int64", ()), *kv_past),
-                             outputs=(TensorSpec("logits", f, ("batch", dims.vocab_size)), *kv_present,
-                                      TensorSpec("kept_positions", "int64", ("batch", "kept")))),
-    }
+def _dtype_name(dtype: str) -> str:
+    """--dtype (fp32, fp16) -> the manifest's numpy-style name."""
+    return "float16" if dtype == "fp16" else "float32"
 
 
 def _quiet_exporter() -> None:

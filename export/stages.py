@@ -1,5 +1,8 @@
 """One export function per stage, each wrapping one module with its own dynamic dims.
 
+Names, dims and dynamic shapes come from the family's stage declaration (export/declare.py); this
+file only chooses the tracing sizes (EXAMPLE_SIZES, EXAMPLE_VALUES).
+
 All three use the dynamo exporter (see dart_ops/onnx_export.py for why); the decoder carries one
 dart::DartPrune node whose function is attached afterwards. Example inputs use batch 2 (batch 1
 would be specialised away) and lengths that are not 0 or 1.
@@ -17,7 +20,8 @@ import torch
 
 from dart_ops.onnx_export import attach_dart_function, translation_table
 from dart_ops.spec import MAX_SPAN
-from export.axes import EXAMPLE_SEQ, Axis, torch_dim
+from export.axes import EXAMPLE_SEQ, Axis
+from export.declare import StageDecl, dynamic_shapes, example_inputs
 
 log = logging.getLogger(__name__)
 
@@ -67,33 +71,34 @@ def _export(module, args, dynamic_shapes, input_names, output_names, opset, **da
     return model
 
 
-def export_vision_encoder(module, image_size: int, axes: dict[str, Axis], dtype, opset: int, out: Path):
-    pixels = torch.randn(EXAMPLE_BATCH, 3, image_size, image_size, dtype=dtype)
-    model = _export(module, (pixels,), ({0: torch_dim(axes["batch"])},),
-                    ["pixel_values"], ["image_features"], opset)
-    return _save(model, out / "vision_encoder.onnx", force_external=False)
+# Tracing sizes per stage (axis -> size) and the decoder's scalar inputs; validation (export/validate.py)
+# runs other sizes. The past dims trace empty: the example is a prefill.
+EXAMPLE_SIZES = {
+    "vision_encoder": {"batch": EXAMPLE_BATCH},
+    "embed_tokens": {"batch": EXAMPLE_BATCH, "seq": 17},
+    "decoder": {"batch": EXAMPLE_BATCH, "seq": EXAMPLE_SEQ, "past_full": 0, "past_kept": 0},
+}
+EXAMPLE_VALUES = {"decoder": {"span_start": 10, "span_len": 60, "quota": 3}}
 
 
-def export_embed_tokens(module, axes: dict[str, Axis], opset: int, out: Path):
-    ids = torch.randint(0, 10, (EXAMPLE_BATCH, 17))
-    model = _export(module, (ids,), ({0: torch_dim(axes["batch"]), 1: torch_dim(axes["seq"])},),
-                    ["input_ids"], ["inputs_embeds"], opset)
-    return _save(model, out / "embed_tokens.onnx", force_external=False)
+def _export_decl(module, decl: StageDecl, axes: dict[str, Axis], opset: int, nest=None, **dart_sizes):
+    """Trace `module` on the declaration's example inputs with its dynamic shapes; `nest` regroups
+    the flat per-input lists into the module's argument structure."""
+    nest = nest or tuple
+    args = example_inputs(decl, EXAMPLE_SIZES[decl.name], EXAMPLE_VALUES.get(decl.name))
+    shapes = dynamic_shapes(decl, axes)
+    names = decl.input_names(), decl.output_names()
+    return _export(module, nest(args), nest(shapes), *names, opset, **dart_sizes)
 
 
-def decoder_example(flat, dims: dict, dtype, seq: int = EXAMPLE_SEQ, span=(10, 60), quota: int = 3):
-    """Example prefill inputs for the FlatDecoder (batch 2, empty past)."""
-    dec = flat.decoder
-    past = tuple(
-        torch.zeros(EXAMPLE_BATCH, dims["num_kv_heads"], 0, dims["head_dim"], dtype=dtype)
-        for _ in range(2 * dec.num_layers)
-    )
-    return (
-        torch.randn(EXAMPLE_BATCH, seq, dims["hidden_size"], dtype=dtype),
-        torch.arange(seq).expand(EXAMPLE_BATCH, seq),
-        torch.tensor(span[0]), torch.tensor(span[1]), torch.tensor(quota),
-        past,
-    )
+def export_vision_encoder(module, decl: StageDecl, axes: dict[str, Axis], opset: int, out: Path):
+    model = _export_decl(module, decl, axes, opset)
+    return _save(model, out / decl.file, force_external=False)
+
+
+def export_embed_tokens(module, decl: StageDecl, axes: dict[str, Axis], opset: int, out: Path):
+    model = _export_decl(module, decl, axes, opset)
+    return _save(model, out / decl.file, force_external=False)
 
 
 def dart_sizes(flat, image_seq_len: int) -> dict:
@@ -105,18 +110,18 @@ def dart_sizes(flat, image_seq_len: int) -> dict:
     return {"max_pivots": P, "max_span": min(MAX_SPAN, image_seq_len + P)}
 
 
-def export_decoder(flat, dims: dict, axes: dict[str, Axis], dtype, sizes: dict, opset: int, out: Path):
+def export_decoder(flat, decl: StageDecl, axes: dict[str, Axis], opset: int, out: Path, sizes: dict):
     dec = flat.decoder
-    B, S = torch_dim(axes["batch"]), torch_dim(axes["seq"])
-    low, high = torch_dim(axes["past_full"]), torch_dim(axes["past_kept"])
-    kv = tuple({0: B, 2: low if i < 2 * dec.layer else high} for i in range(2 * dec.num_layers))
-    model = _export(flat, decoder_example(flat, dims, dtype), ({0: B, 1: S}, {0: B, 1: S}, None, None, None, kv),
-                    flat.input_names(), flat.output_names(), opset, **sizes)
+    if decl.input_names() != flat.input_names() or decl.output_names() != flat.output_names():
+        raise ValueError(f"decoder: declared tensors {decl.input_names()} -> {decl.output_names()} differ "
+                         f"from the module's {flat.input_names()} -> {flat.output_names()}")
+    nest = lambda xs: (*xs[:5], tuple(xs[5:]))  # forward(embeds, pos, start, len, quota, past)
+    model = _export_decl(flat, decl, axes, opset, nest, **sizes)
     set_metadata(model, {
         "dart.layer": dec.layer, "dart.pivots_image": dec.pivots_image, "dart.pivots_text": dec.pivots_text,
         "dart.max_pivots": sizes["max_pivots"], "dart.max_span": sizes["max_span"],
     })
-    return _save(model, out / "decoder.onnx", force_external=True)
+    return _save(model, out / decl.file, force_external=True)
 
 
 def set_metadata(model: onnx.ModelProto, props: dict) -> None:

@@ -56,6 +56,12 @@ class Family:
         """{"vision_encoder": module, "embed_tokens": module, "decoder": FlatDecoder}."""
         raise NotImplementedError
 
+    def stage_decls(self, loaded: Loaded, flat, dims: dict, dtype: str) -> dict:
+        """{stage: export.declare.StageDecl}: names, dtypes and dims over named axes of each stage's
+        inputs and outputs (the manifest's signatures, example inputs and dynamic shapes derive
+        from it). flat: the FlatDecoder; dims: the decoder sizes; dtype: "float32" or "float16"."""
+        raise NotImplementedError
+
     def text_adapter(self, hf):
         """dart_ops.text_adapter.TextAdapter of the HF model's language model (DartDecoder's view)."""
         raise NotImplementedError

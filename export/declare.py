@@ -1,0 +1,111 @@
+"""Stage declarations: what each exported graph takes and returns, written once per family.
+
+A StageDecl names a stage's graph file and its input and output tensors; a TensorDecl's dims are
+ints (fixed) or names of dynamic axes (export/axes.py `declare`: min/opt/max). Output dims may also
+be derived labels ("seq + past_full", "kept") that are not axes. From a declaration come the
+manifest's tensor signatures (`signature`), the example inputs for tracing (`example_inputs`), the
+torch.export dynamic shapes (`dynamic_shapes`) and the post-export check that every declared
+dynamic axis is still symbolic in the graph (`check_graph`). torch and onnx are imported lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.manifest import Axis, StageSpec, TensorSpec
+
+__all__ = ["StageDecl", "TensorDecl", "check_graph", "dynamic_shapes", "example_inputs", "signature"]
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    name: str
+    dtype: str  # numpy-style name: "float32", "float16", "int64"
+    dims: tuple[int | str, ...]  # ints fixed; strings name dynamic axes (outputs: or derived labels)
+    # Tracing value: "random" (randn / small ints) or "positions" (0..n-1 along the last dim).
+    example: str = "random"
+
+
+@dataclass(frozen=True)
+class StageDecl:
+    name: str  # "vision_encoder", "embed_tokens", "decoder"
+    file: str  # graph file in the engine directory
+    inputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorDecl, ...]
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+def signature(decl: StageDecl) -> StageSpec:
+    """The manifest's tensor signature of a stage."""
+    spec = lambda t: TensorSpec(t.name, t.dtype, tuple(t.dims))
+    return StageSpec(decl.file, inputs=tuple(map(spec, decl.inputs)), outputs=tuple(map(spec, decl.outputs)))
+
+
+def example_inputs(decl: StageDecl, sizes: dict[str, int], values: dict[str, int] | None = None) -> list:
+    """One torch tensor per input for tracing: dynamic dims take `sizes[axis]`; inputs named in
+    `values` are filled with that value (scalars: 0-d tensors)."""
+    import torch
+
+    values = values or {}
+    out = []
+    for t in decl.inputs:
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.dims)
+        dtype = getattr(torch, t.dtype)
+        if t.name in values:
+            out.append(torch.full(shape, values[t.name], dtype=dtype))
+        elif t.example == "positions":  # (..., S): 0..S-1 along the last dim, the same for every row
+            out.append(torch.arange(shape[-1], dtype=dtype).expand(shape))
+        elif dtype.is_floating_point:
+            out.append(torch.randn(shape, dtype=dtype))
+        else:
+            out.append(torch.randint(0, 10, shape, dtype=dtype))
+    return out
+
+
+def dynamic_shapes(decl: StageDecl, axes: dict[str, Axis]) -> list:
+    """torch.export dynamic_shapes, one entry per input: {dim index: torch.export.Dim} or None.
+    One Dim object per axis name, shared by every input that uses it."""
+    from export.axes import torch_dim
+
+    used = {d for t in decl.inputs for d in t.dims if isinstance(d, str)}
+    missing = sorted(used - axes.keys())
+    if missing:
+        raise ValueError(f"{decl.name}: inputs use axes {missing} that are not declared ({sorted(axes)})")
+    dim = {name: torch_dim(axes[name]) for name in sorted(used)}
+    return [{i: dim[d] for i, d in enumerate(t.dims) if isinstance(d, str)} or None for t in decl.inputs]
+
+
+def check_graph(decl: StageDecl, path: Path) -> None:
+    """Raise export.validate.ValidationError unless the ONNX graph at `path` has the declared inputs,
+    every declared dynamic dim still symbolic (the exporter can bake one to its traced size) and
+    every fixed dim the declared value."""
+    import onnx
+
+    from export.validate import ValidationError
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    found = {v.name: v for v in graph.input if v.name not in inits}
+    names = [v.name for v in graph.input if v.name not in inits]
+    if names != decl.input_names():
+        raise ValidationError(f"{decl.name}: graph inputs {names} differ from the declared "
+                              f"{decl.input_names()}")
+    for t in decl.inputs:
+        dims = found[t.name].type.tensor_type.shape.dim
+        if len(dims) != len(t.dims):
+            raise ValidationError(f"{decl.name}: input {t.name} has rank {len(dims)} in the graph, "
+                                  f"declared {len(t.dims)} {t.dims}")
+        for i, (got, want) in enumerate(zip(dims, t.dims)):
+            if isinstance(want, str) and got.HasField("dim_value"):
+                raise ValidationError(f"{decl.name}: input {t.name} dim {i} (axis '{want}') was baked to "
+                                      f"{got.dim_value} by the exporter; it is declared dynamic")
+            if isinstance(want, int) and not (got.HasField("dim_value") and got.dim_value == want):
+                have = got.dim_value if got.HasField("dim_value") else repr(got.dim_param)
+                raise ValidationError(f"{decl.name}: input {t.name} dim {i} is {have} in the graph, "
+                                      f"declared {want}")
