@@ -136,7 +136,7 @@ def build(cfg: BuildConfig) -> Manifest | None:
         steps = tqdm(total=6, desc="export", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
         steps.set_postfix_str("loading model")
         loaded = family.load(cfg.model, dtype)
-        n_layers = loaded.model.config.text_config.num_hidden_layers
+        n_layers = family.text_adapter(loaded.model).dims.layers
         if not 1 <= cfg.dart.layer < n_layers:
             raise BuildError(f"--layer {cfg.dart.layer} must be in [1, {n_layers - 1}] for this {n_layers}-layer decoder")
         modules = loaded.family.stage_modules(loaded, cfg.dart)

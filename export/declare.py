@@ -41,6 +41,32 @@ class StageDecl:
         return [t.name for t in self.outputs]
 
 
+def text_decls(flat, dims: dict, dtype: str) -> dict[str, StageDecl]:
+    """embed_tokens and decoder as DartDecoder exports them, for any family: what differs between
+    families is the vision stage and the position layout (the text adapter's position_shape,
+    [batch, seq] or [3, batch, seq]). dims: the manifest's decoder sizes; dtype "float32"/"float16"."""
+    T = TensorDecl
+    D, H, hd, V = dims["hidden_size"], dims["num_kv_heads"], dims["head_dim"], dims["vocab_size"]
+    K = flat.decoder.layer
+    past = lambda i: "past_full" if i // 2 < K else "past_kept"  # noqa: E731  (KV in pairs: layer i // 2)
+    names_in, names_out = flat.input_names(), flat.output_names()
+    kv_past = [T(n, dtype, ("batch", H, past(i), hd)) for i, n in enumerate(names_in[5:])]
+    kv_present = [T(n, dtype, ("batch", H, "seq + " + past(i), hd)) for i, n in enumerate(names_out[1:-1])]
+    positions = tuple(flat.decoder.text.position_shape)
+    return {
+        "embed_tokens": StageDecl("embed_tokens", "embed_tokens.onnx",
+                                  inputs=(T("input_ids", "int64", ("batch", "seq")),),
+                                  outputs=(T("inputs_embeds", dtype, ("batch", "seq", D)),)),
+        "decoder": StageDecl("decoder", "decoder.onnx",
+                             inputs=(T("inputs_embeds", dtype, ("batch", "seq", D)),
+                                     T("position_ids", "int64", positions, example="positions"),
+                                     T("span_start", "int64", ()), T("span_len", "int64", ()),
+                                     T("quota", "int64", ()), *kv_past),
+                             outputs=(T("logits", dtype, ("batch", V)), *kv_present,
+                                      T("kept_positions", "int64", ("batch", "kept")))),
+    }
+
+
 def signature(decl: StageDecl) -> StageSpec:
     """The manifest's tensor signature of a stage."""
     spec = lambda t: TensorSpec(t.name, t.dtype, tuple(t.dims))

@@ -164,13 +164,12 @@ class ToyFamily(ex_families.Family):
                 "decoder": FlatDecoder(decoder).eval()}
 
     def stage_decls(self, loaded, flat, dims: dict, dtype: str) -> dict:
-        # The decoder's declaration is DartDecoder's, the same for every family with [B, S] positions:
-        # taken from LLaVA's (it reads only `loaded` and `flat`); the vision stage is the toy's own.
-        from export.declare import StageDecl
+        # The text stages are DartDecoder's, declared once for every family (export.declare.text_decls);
+        # the vision stage is the toy's own.
+        from export.declare import StageDecl, text_decls
         from export.declare import TensorDecl as T
-        from export.families.llava import LlavaFamily
 
-        decls = LlavaFamily().stage_decls(loaded, flat, dims, dtype)
+        decls = text_decls(flat, dims, dtype)
         decls["vision_encoder"] = StageDecl(
             "vision_encoder", "vision_encoder.onnx",
             inputs=(T("pixel_values", dtype, ("batch", 3, IMAGE_SIZE, IMAGE_SIZE)),),
@@ -204,8 +203,8 @@ def toy_registered():
     try:
         yield fam
     finally:
-        ex_families._FAMILIES.pop(NAME, None)
-        rt_families._RULES.pop(NAME, None)
+        ex_families.unregister(NAME)
+        rt_families.unregister(NAME)
     assert PRESET not in ex_families.presets() and NAME not in rt_families.families()
 
 

@@ -82,6 +82,11 @@ def register(family: Family) -> Family:
     return family
 
 
+def unregister(name: str) -> None:
+    """Remove a family (tests that register a family of their own clean up with this)."""
+    _FAMILIES.pop(name, None)
+
+
 def families() -> dict[str, Family]:
     _import_all()
     return dict(_FAMILIES)

@@ -345,34 +345,16 @@ class LlavaFamily(Family):
         }
 
     def stage_decls(self, loaded: Loaded, flat, dims: dict, dtype: str) -> dict:
-        """The three stages' declarations (export/declare.py). dims: the manifest's decoder sizes;
-        dtype: "float32" or "float16". Position ids are [batch, seq] (1-D RoPE)."""
-        from export.declare import StageDecl
-        from export.declare import TensorDecl as T
+        """The three stages' declarations (export/declare.py): the CLIP vision stage here, the text
+        stages as DartDecoder exports them for every family. dims: the manifest's decoder sizes;
+        dtype: "float32" or "float16"."""
+        from export.declare import StageDecl, TensorDecl, text_decls
 
-        D, H, hd, V = dims["hidden_size"], dims["num_kv_heads"], dims["head_dim"], dims["vocab_size"]
-        N = loaded.image_seq_len  # vision tokens per image
-        size, K = loaded.preprocess["image_size"], flat.decoder.layer
-        past = lambda i: "past_full" if i // 2 < K else "past_kept"  # KV come in pairs: layer i // 2
-        names_in, names_out = flat.input_names(), flat.output_names()
-        kv_past = [T(n, dtype, ("batch", H, past(i), hd)) for i, n in enumerate(names_in[5:])]
-        kv_present = [T(n, dtype, ("batch", H, "seq + " + past(i), hd))
-                      for i, n in enumerate(names_out[1:-1])]
-        return {
-            "vision_encoder": StageDecl("vision_encoder", "vision_encoder.onnx",
-                                        inputs=(T("pixel_values", dtype, ("batch", 3, size, size)),),
-                                        outputs=(T("image_features", dtype, ("batch", N, D)),)),
-            "embed_tokens": StageDecl("embed_tokens", "embed_tokens.onnx",
-                                      inputs=(T("input_ids", "int64", ("batch", "seq")),),
-                                      outputs=(T("inputs_embeds", dtype, ("batch", "seq", D)),)),
-            "decoder": StageDecl("decoder", "decoder.onnx",
-                                 inputs=(T("inputs_embeds", dtype, ("batch", "seq", D)),
-                                         T("position_ids", "int64", ("batch", "seq"), example="positions"),
-                                         T("span_start", "int64", ()), T("span_len", "int64", ()),
-                                         T("quota", "int64", ()), *kv_past),
-                                 outputs=(T("logits", dtype, ("batch", V)), *kv_present,
-                                          T("kept_positions", "int64", ("batch", "kept")))),
-        }
+        size, N, D = loaded.preprocess["image_size"], loaded.image_seq_len, dims["hidden_size"]
+        vision = StageDecl("vision_encoder", "vision_encoder.onnx",
+                           inputs=(TensorDecl("pixel_values", dtype, ("batch", 3, size, size)),),
+                           outputs=(TensorDecl("image_features", dtype, ("batch", N, D)),))
+        return {"vision_encoder": vision, **text_decls(flat, dims, dtype)}
 
 
 register(LlavaFamily())

@@ -100,6 +100,11 @@ def register(name: str):
     return add
 
 
+def unregister(name: str) -> None:
+    """Remove a family's rules (tests that register rules of their own clean up with this)."""
+    _RULES.pop(name, None)
+
+
 def families() -> list[str]:
     """Families this runtime has rules for."""
     return sorted(_RULES)
