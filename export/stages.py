@@ -37,7 +37,8 @@ def eager_attention(model):
     Why: SDPA's GQA path (transformers 5.x, sdpa_attention.py) guards on the query length, which
     after DartPrune is data-dependent, and the TorchScript exporter cannot export enable_gqa.
     """
-    configs = [c for c in [model.config, *[getattr(model.config, n, None) for n in model.config.sub_configs]] if c]
+    subs = getattr(model.config, "sub_configs", None) or {}  # HF composite configs (vision, text)
+    configs = [c for c in [model.config, *[getattr(model.config, n, None) for n in subs]] if c]
     old = [c._attn_implementation for c in configs]
     try:
         for c in configs:

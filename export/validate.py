@@ -88,7 +88,7 @@ def validate(out: Path, modules: dict, dims: dict, image_size: int, image_seq_le
         c = counts_for(L, after)
         span_len = L if c.prune else 0
         embeds = (torch.randn(1, S, dims["hidden_size"], generator=g) * 0.5).to(dtype)
-        pos = torch.arange(S)[None]
+        pos = _positions(flat, torch.arange(S))  # the family's layout: (1, S) or (3, 1, S)
         past = tuple(torch.zeros(1, dims["num_kv_heads"], 0, dims["head_dim"], dtype=dtype)
                      for _ in range(2 * dims["num_layers"]))
         step_inputs = [embeds, pos, torch.tensor(a), torch.tensor(span_len), torch.tensor(c.quota)]
@@ -100,7 +100,7 @@ def validate(out: Path, modules: dict, dims: dict, image_size: int, image_seq_le
         got = sess.run(None, feeds)
         _compare_decoder(names_out, got, want, tol, where, ref)
 
-        step = [(torch.randn(1, 1, dims["hidden_size"], generator=g) * 0.5).to(dtype), torch.tensor([[S]]),
+        step = [(torch.randn(1, 1, dims["hidden_size"], generator=g) * 0.5).to(dtype), _positions(flat, torch.tensor([S])),
                 torch.tensor(0), torch.tensor(0), torch.tensor(0)]
         want2 = flat(*step, tuple(want[1:-1]))
         ref2 = ref_of("decoder", *up(step), tuple(up(want[1:-1])))
@@ -108,6 +108,13 @@ def validate(out: Path, modules: dict, dims: dict, image_size: int, image_seq_le
         got2 = sess.run(None, feeds)
         _compare_decoder(names_out, got2, want2, tol, f"decode step at position {S}", ref2)
     log.info("validate: all stages match eager PyTorch (tolerance %g)", tol)
+
+
+def _positions(flat, pos: torch.Tensor) -> torch.Tensor:
+    """Batch-1 position ids in the decoder's declared layout ([B, S] or M-RoPE's [3, B, S]), all
+    rows equal (plain text positions; a family's own rule is checked by its runtime tests)."""
+    shape = tuple(flat.decoder.text.position_shape)
+    return pos.expand(3, 1, pos.numel()) if len(shape) == 3 else pos[None]
 
 
 def _compare_decoder(names, got, want, tol, where, ref=None):
