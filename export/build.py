@@ -17,8 +17,8 @@ from pathlib import Path
 
 from dart_ops.spec import DartConfig
 from export.cli import EXIT_USAGE, Parser, dataclass_defaults, handle_sigterm, report
-from export.outdir import CHECKPOINT, Staging
-from runtime.manifest import Manifest
+from export.outdir import Staging
+from runtime.manifest import CHECKPOINT_DIR, Manifest
 
 log = logging.getLogger("export.build")
 
@@ -169,9 +169,9 @@ def build(cfg: BuildConfig) -> Manifest | None:
             steps.update()
         checkpoint = None
         if loaded.save_checkpoint is not None:
-            loaded.save_checkpoint(tmp / CHECKPOINT)
-            checkpoint = sorted(p.relative_to(tmp / CHECKPOINT).as_posix()
-                                for p in (tmp / CHECKPOINT).rglob("*") if p.is_file())
+            loaded.save_checkpoint(tmp / CHECKPOINT_DIR)
+            checkpoint = sorted(p.relative_to(tmp / CHECKPOINT_DIR).as_posix()
+                                for p in (tmp / CHECKPOINT_DIR).rglob("*") if p.is_file())
         steps.update()
         result = _write_manifest(cfg, loaded, tmp, files, checkpoint, decls, dims, axes, sizes["max_span"])
         steps.update()

@@ -33,8 +33,6 @@ from runtime.manifest_json import read_json
 
 log = logging.getLogger(__name__)
 
-MANIFEST = MANIFEST_NAME
-CHECKPOINT = CHECKPOINT_DIR
 
 
 class OutDirError(RuntimeError):
@@ -48,7 +46,7 @@ def read_ours(out: Path) -> dict | None:
     """The decoded manifest.json of `out` when it is one of ours (format "dart-vlm-engine", any
     format_version), read with the runtime's bounded reader; None otherwise. Only the keys every
     version has ("files", "checkpoint") are used, so an engine of an older version still counts."""
-    mpath = out / MANIFEST
+    mpath = out / MANIFEST_NAME
     try:
         raw = read_json(mpath) if mpath.is_file() else None
     except (EngineError, OSError):
@@ -60,10 +58,10 @@ def listed_files(manifest: dict) -> set[str]:
     """Relative paths an engine directory may hold according to its manifest (the JSON object)."""
     files = manifest.get("files")
     names = set(files) if isinstance(files, dict) else set()
-    ckpt = manifest.get(CHECKPOINT)
+    ckpt = manifest.get(CHECKPOINT_DIR)
     if isinstance(ckpt, list):
-        names |= {f"{CHECKPOINT}/{n}" for n in ckpt if isinstance(n, str)}
-    return names | {MANIFEST}
+        names |= {f"{CHECKPOINT_DIR}/{n}" for n in ckpt if isinstance(n, str)}
+    return names | {MANIFEST_NAME}
 
 
 def _tree(directory: Path) -> tuple[set[str], list[str]]:

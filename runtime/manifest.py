@@ -20,7 +20,7 @@ from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, DartConfig
 from runtime.errors import EngineError
 from runtime.manifest_json import (  # noqa: F401  (EXPORT_HINT, MAX_*, ...: part of this module's API)
     DTYPES, EXPORT_HINT, FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_EOS, MAX_MANIFEST_BYTES, MAX_NESTING,
-    MAX_PATH, _dtype, _eos_ids, _fail, _get, _in_range, _inside, _int, _num, _opt_int, _read_json, _real,
+    MAX_PATH, _dtype, _eos_ids, _fail, _get, _in_range, _inside, _int, _num, _opt_int, read_json, _real,
     _rel_path, _show, _three, check_format, check_template, dump, fields_json, plain, sha256_file, write_atomic,
 )
 
@@ -493,7 +493,7 @@ def read_manifest(engine_dir: str | Path, verify: bool = True) -> Manifest:
     if not d.is_dir() or not mpath.is_file():
         raise EngineError(f"{d} is not an engine directory (no {MANIFEST_NAME}); export one with: "
                           f"{EXPORT_HINT}")
-    manifest = Manifest.from_json(_read_json(_inside(d, MANIFEST_NAME)), d)
+    manifest = Manifest.from_json(read_json(_inside(d, MANIFEST_NAME)), d)
     from runtime import engine_checks  # (it imports this module)
 
     engine_checks.check_files(manifest)

@@ -200,7 +200,7 @@ def _too_deep(raw: Any) -> bool:
     return False
 
 
-def _read_json(mpath: Path) -> Any:
+def read_json(mpath: Path) -> Any:
     """manifest.json decoded, bounded: size cap before reading, nesting, duplicate keys refused."""
     size = mpath.stat().st_size
     too_big = EngineError(f"{mpath} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, which no manifest is; "
@@ -287,6 +287,3 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-read_json = _read_json  # the bounded reader under a public name (export/outdir.py reads any version)
