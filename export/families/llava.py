@@ -154,6 +154,31 @@ def tiny_pad_processor():
     return processor
 
 
+_PROMPT_MARK = "DARTVLMPROMPTMARK"  # stands for the user's text while the chat template renders
+
+
+def prompt_spec(processor) -> dict:
+    """The manifest's prompt templates from the checkpoint's own chat template: one user turn (an
+    image and the text, or the text alone) plus the generation prompt, rendered by the processor's
+    apply_chat_template with a marker where the text goes; what an HF user feeds the processor, so
+    the runtime's ids equal processor(text=apply_chat_template(...), images=...)'s. A checkpoint
+    without a chat template gets LLaVA-1.5's conversation format (USER: <image>\n... ASSISTANT:)."""
+    if not getattr(processor, "chat_template", None):
+        return {"template": TEMPLATE, "template_text_only": TEMPLATE_TEXT_ONLY, "add_special_tokens": True}
+
+    def render(content: list) -> str:
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        if text.count(_PROMPT_MARK) != 1:
+            raise ValueError("the checkpoint's chat template does not place the user's text exactly once; "
+                             "the runtime cannot reproduce it")
+        return text.replace("{", "{{").replace("}", "}}").replace(_PROMPT_MARK, "{prompt}")
+
+    text = {"type": "text", "text": _PROMPT_MARK}
+    return {"template": render([{"type": "image"}, text]), "template_text_only": render([text]),
+            "add_special_tokens": True}
+
+
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL's
 _RUNTIME_RESAMPLE = ("bicubic", "bilinear")  # the filters runtime.preprocess reproduces
 
@@ -302,8 +327,7 @@ class LlavaFamily(Family):
             model=hf,
             tokenizer_json=tok.backend_tokenizer.to_str(),
             preprocess=preprocess_spec(processor.image_processor, cfg.vision_config.image_size),
-            prompt={"template": TEMPLATE, "template_text_only": TEMPLATE_TEXT_ONLY,
-                    "add_special_tokens": True},
+            prompt=prompt_spec(processor),
             tokens={
                 "image_token": "<image>", "image_token_id": int(cfg.image_token_id),
                 "image_seq_len": n, "bos_token_id": tok.bos_token_id,
