@@ -6,25 +6,40 @@ Stdlib only. Conventions (state them with every number you quote):
   most at these shapes).
 - Attention scores and the weighted sum are counted dense: q_len x kv_len per head, no causal
   halving, because eager PyTorch and ONNX Runtime both compute the full masked product.
-- Vision: patch embedding (a stride-p convolution = one matmul per patch), the encoder layers up
+- LLaVA vision (VisionShape): patch embedding (a stride-p convolution = one matmul per patch), the encoder layers up
   to the feature layer (layers after it do not change the output), and the 2-layer MLP projector
   (on the patches, plus CLS with the "full" strategy; input width x the number of concatenated
   feature layers).
 - Decoder: layers < K see all S prompt tokens; layers >= K see the S' kept tokens (queries and
   keys); the LM head runs on the last token only. DART's own selection (pivot-vs-token cosine
   similarities) is counted as `dart`.
+- Qwen2-VL / Qwen2.5-VL vision (QwenVisionShape, one still image of gh x gw patches, N = gh*gw,
+  M = N / merge^2 tokens): the patch embedding (a Conv3d whose kernel is its stride = an
+  [N, C*T*p*p] x [C*T*p*p, D] matmul), every block (qkv, proj, the MLP: fc1/fc2 for Qwen2-VL,
+  SwiGLU gate/up/down for Qwen2.5-VL; attention over all N patches in full-attention blocks, within
+  each window in Qwen2.5-VL's window blocks: the sum over windows of w_i^2, as transformers' eager
+  and SDPA paths compute it) and the merger ([M, m^2 D] x [m^2 D, m^2 D], then [m^2 D, out]).
+  The exported padded-window graph computes Wn full windows of (window/patch)^2 slots instead; that
+  padding is not counted. Everything is exact against torch's FlopCounterMode on transformers'
+  modules (tests/test_flops_qwen.py).
 
 The shapes are plain numbers: `TextShape.from_config` reads any Hugging Face decoder config
 (Llama, Mistral, Qwen2, Qwen2-VL's text config: the standard keys), `VisionShape` describes a
-CLIP-style tower + projector (`VisionShape.from_llava_config` reads LLaVA's). A family combines them:
+CLIP-style tower + projector (`VisionShape.from_llava_config` reads LLaVA's), `QwenVisionShape`
+a Qwen2-VL / Qwen2.5-VL tower + merger. A family combines them:
 
     shape = ModelShape.from_llava_config(hf_config.to_dict())  # = ModelShape(vision, text) for LLaVA
     limit = speedup_limit(shape, seq=633, span_start=5, span_len=576, dart=DartConfig(keep_ratio=0.111))
+
+A Qwen tower's cost depends on the image: bind the grid (in patches) before counting,
+
+    shape = ModelShape.from_qwen_config(config).with_grid(gh, gw)  # M = gh*gw/4 vision tokens
+    limit = speedup_limit(shape, seq, span_start, span_len=shape.vision.tokens, dart=...)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dart_ops.spec import DartConfig
 
@@ -56,6 +71,26 @@ class VisionShape:
     def projector_tokens(self) -> int:
         return self.patches + (1 if self.cls_token and self.keep_cls else 0)
 
+    @property
+    def tokens(self) -> int:
+        """Vision tokens one image gives the decoder (the projector's output rows)."""
+        return self.projector_tokens
+
+    def flops(self) -> dict[str, int]:
+        """One image through the tower (up to the feature layer) and the projector."""
+        T, D = self.seq, self.hidden
+        layer = {
+            "proj": 4 * _mm(T, D, D),  # q, k, v, o
+            "attention": 2 * _mm(T, D, T),  # scores (T, T) per head, summed over heads, and A @ V
+            "mlp": 2 * _mm(T, D, self.intermediate),  # fc1, fc2
+        }
+        return {
+            "patch_embed": _mm(self.patches, self.channels * self.patch_size**2, D),
+            "layers": self.layers * sum(layer.values()),
+            "projector": _mm(self.projector_tokens, D * self.feature_layers, self.out_hidden)
+            + _mm(self.projector_tokens, self.out_hidden, self.out_hidden),
+        }
+
     @classmethod
     def from_llava_config(cls, config: dict) -> VisionShape:
         """The tower + projector of a LlavaConfig as a dict (`config.to_dict()` or a config.json)."""
@@ -75,6 +110,115 @@ class VisionShape:
         )
 
 
+def _chunks(n: int, size: int) -> list[int]:
+    """n split into runs of `size`, the last one shorter: _chunks(10, 4) = [4, 4, 2]."""
+    return [size] * (n // size) + ([n % size] if n % size else [])
+
+
+@dataclass(frozen=True)
+class QwenVisionShape:
+    """A Qwen2-VL / Qwen2.5-VL vision tower + patch merger, on one still image of `grid` = (gh, gw)
+    patches (None until bound with with_grid: the cost depends on the image)."""
+
+    hidden: int  # block width D (Qwen2-VL: embed_dim; Qwen2.5-VL: hidden_size)
+    intermediate: int  # MLP width (Qwen2-VL: int(embed_dim * mlp_ratio); Qwen2.5-VL: intermediate_size)
+    layers: int  # blocks (depth); all of them run
+    out_hidden: int  # merger output width (the decoder's hidden size)
+    gated_mlp: bool  # SwiGLU gate/up/down (Qwen2.5-VL) instead of fc1/fc2 (Qwen2-VL)
+    full_attention: tuple[int, ...]  # blocks attending over the whole image; the others use windows
+    patch_size: int = 14
+    merge: int = 2  # merge x merge patches -> one decoder token
+    temporal: int = 2  # temporal patch: a still image is repeated this many times
+    channels: int = 3
+    window_size: int = 112  # window side in px (window blocks only)
+    grid: tuple[int, int] | None = None  # (gh, gw) patches
+
+    def __post_init__(self):
+        if self.window_size % (self.merge * self.patch_size):
+            raise ValueError(f"window_size {self.window_size} is not a multiple of merge * patch_size "
+                             f"= {self.merge * self.patch_size}")
+        if self.grid is not None:
+            gh, gw = self.grid
+            if gh <= 0 or gw <= 0 or gh % self.merge or gw % self.merge:
+                raise ValueError(f"image grid {gh}x{gw} patches: each side must be a positive multiple of "
+                                 f"the merge size {self.merge}")
+
+    @classmethod
+    def from_config(cls, config: dict) -> QwenVisionShape:
+        """From a vision_config dict (`config.to_dict()["vision_config"]` or a checkpoint's
+        config.json). The layout tells the kind: Qwen2-VL has embed_dim (its hidden_size is the
+        merger's output), Qwen2.5-VL has fullatt_block_indexes; anything else (Qwen3-VL) is refused."""
+        if "embed_dim" in config:  # Qwen2-VL: fc1/fc2, every block attends over the whole image
+            width = config["embed_dim"]
+            sizes = {"hidden": width, "intermediate": int(width * config["mlp_ratio"]),
+                     "out_hidden": config["hidden_size"], "gated_mlp": False,
+                     "full_attention": tuple(range(config["depth"]))}
+        elif "fullatt_block_indexes" in config:  # Qwen2.5-VL: SwiGLU, window attention elsewhere
+            sizes = {"hidden": config["hidden_size"], "intermediate": config["intermediate_size"],
+                     "out_hidden": config["out_hidden_size"], "gated_mlp": True,
+                     "full_attention": tuple(config["fullatt_block_indexes"])}
+        else:
+            raise ValueError("vision config is neither Qwen2-VL's (embed_dim) nor Qwen2.5-VL's "
+                             "(fullatt_block_indexes); the FLOP model has no other Qwen tower")
+        return cls(
+            **sizes, layers=config["depth"], patch_size=config.get("patch_size", 14),
+            merge=config.get("spatial_merge_size", 2), temporal=config.get("temporal_patch_size", 2),
+            channels=config.get("in_channels", config.get("in_chans", 3)),
+            window_size=config.get("window_size", 112),
+        )
+
+    def with_grid(self, gh: int, gw: int) -> QwenVisionShape:
+        """This tower on an image of gh x gw patches (runtime.qwen_preprocess.preprocess's grid)."""
+        return replace(self, grid=(gh, gw))
+
+    def _grid(self) -> tuple[int, int]:
+        if self.grid is None:
+            raise ValueError("a Qwen vision tower's FLOPs depend on the image: bind its grid first "
+                             "(ModelShape.with_grid(gh, gw), the grid in patches)")
+        return self.grid
+
+    @property
+    def patches(self) -> int:
+        gh, gw = self._grid()
+        return gh * gw
+
+    @property
+    def tokens(self) -> int:
+        """Vision tokens the image gives the decoder: N / merge^2."""
+        return self.patches // self.merge**2
+
+    def window_sizes(self) -> list[int]:
+        """Patches in each attention window of a window block, in transformers' window order
+        (get_vision_window_index: windows of window_size // patch_size patches a side, row-major;
+        the last row / column of windows is cut short by the image edge)."""
+        gh, gw = self._grid()
+        units = self.window_size // self.merge // self.patch_size  # merge units along a window side
+        rows, cols = _chunks(gh // self.merge, units), _chunks(gw // self.merge, units)
+        return [r * c * self.merge**2 for r in rows for c in cols]
+
+    def block_flops(self, full: bool) -> dict[str, int]:
+        """One block: {"proj", "attention", "mlp"}; attention over the whole image (full) or within
+        each window. Scores and A @ V summed over heads: 2 * (2 * n * D * n) per span of n patches."""
+        N, D = self.patches, self.hidden
+        spans = [N] if full else self.window_sizes()
+        return {
+            "proj": _mm(N, D, 3 * D) + _mm(N, D, D),  # qkv, proj
+            "attention": sum(2 * _mm(n, D, n) for n in spans),
+            "mlp": (3 if self.gated_mlp else 2) * _mm(N, D, self.intermediate),  # gate, up, down | fc1, fc2
+        }
+
+    def flops(self) -> dict[str, int]:
+        """The image through the patch embedding, every block and the merger."""
+        N, D, m2 = self.patches, self.hidden, self.merge**2
+        n_full = sum(1 for i in range(self.layers) if i in self.full_attention)  # as transformers tests it
+        full, window = sum(self.block_flops(True).values()), sum(self.block_flops(False).values())
+        return {
+            "patch_embed": _mm(N, self.channels * self.temporal * self.patch_size**2, D),
+            "layers": n_full * full + (self.layers - n_full) * window,
+            "projector": _mm(self.tokens, m2 * D, m2 * D) + _mm(self.tokens, m2 * D, self.out_hidden),
+        }
+
+
 @dataclass(frozen=True)
 class TextShape:
     """A Llama-style decoder: GQA attention + SwiGLU MLP (gate, up, down)."""
@@ -90,7 +234,8 @@ class TextShape:
     @classmethod
     def from_config(cls, config: dict) -> TextShape:
         """From a Hugging Face decoder config as a dict (the standard keys every Llama-style model
-        type has: Llama, Mistral, Qwen2, Qwen2-VL's text config). num_key_value_heads defaults to
+        type has: Llama, Mistral, Qwen2, Qwen2-VL's and Qwen2.5-VL's text configs; M-RoPE changes no
+        matmul). num_key_value_heads defaults to
         the attention heads (MHA), head_dim to hidden_size // heads."""
         heads = config["num_attention_heads"]
         return cls(
@@ -103,7 +248,9 @@ class TextShape:
 
 @dataclass(frozen=True)
 class ModelShape:
-    vision: VisionShape
+    """A VLM: its vision tower + projector (LLaVA's VisionShape or a QwenVisionShape) and its decoder."""
+
+    vision: VisionShape | QwenVisionShape
     text: TextShape
 
     @classmethod
@@ -112,25 +259,30 @@ class ModelShape:
         text = TextShape.from_config(config["text_config"])
         return cls(vision=VisionShape.from_llava_config(config), text=text)
 
+    @classmethod
+    def from_qwen_config(cls, config: dict) -> ModelShape:
+        """From a Qwen2VLConfig / Qwen2_5_VLConfig as a dict: transformers 5's `to_dict()` (text sizes
+        under "text_config") or an older checkpoint's config.json (text sizes at the top level). The
+        vision grid is unset: bind it with with_grid before counting."""
+        text = config.get("text_config") or config
+        return cls(vision=QwenVisionShape.from_config(config["vision_config"]), text=TextShape.from_config(text))
+
+    def with_grid(self, gh: int, gw: int) -> ModelShape:
+        """This model on an image of gh x gw patches (Qwen towers; LLaVA's has a fixed image size)."""
+        if not isinstance(self.vision, QwenVisionShape):
+            raise TypeError(f"{type(self.vision).__name__} has a fixed image size; only a QwenVisionShape "
+                            "takes an image grid")
+        return replace(self, vision=self.vision.with_grid(gh, gw))
+
 
 def _mm(m: int, k: int, n: int) -> int:
     return 2 * m * k * n
 
 
-def vision_flops(v: VisionShape) -> dict[str, int]:
-    """One image through the tower (up to the feature layer) and the projector."""
-    T, D = v.seq, v.hidden
-    layer = {
-        "proj": 4 * _mm(T, D, D),  # q, k, v, o
-        "attention": 2 * _mm(T, D, T),  # scores (T, T) per head, summed over heads, and A @ V
-        "mlp": 2 * _mm(T, D, v.intermediate),  # fc1, fc2
-    }
-    return {
-        "patch_embed": _mm(v.patches, v.channels * v.patch_size**2, D),
-        "layers": v.layers * sum(layer.values()),
-        "projector": _mm(v.projector_tokens, D * v.feature_layers, v.out_hidden)
-        + _mm(v.projector_tokens, v.out_hidden, v.out_hidden),
-    }
+def vision_flops(v: VisionShape | QwenVisionShape) -> dict[str, int]:
+    """One image through the vision tower and the projector (Qwen: the merger), by part:
+    {"patch_embed", "layers", "projector"}. A QwenVisionShape needs its grid (with_grid)."""
+    return v.flops()
 
 
 def decoder_layer_flops(t: TextShape, q_len: int, kv_len: int) -> dict[str, int]:

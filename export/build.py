@@ -52,6 +52,7 @@ class BuildConfig:
     dry_run: bool = False
     verbose: bool = False
     target: str = "onnx"  # "trt": also build TensorRT engines here (python -m export.trt)
+    max_pixels: int | None = None  # dynamic-resolution families: cap on an image's resized area
 
 
 def parse_args(argv=None) -> BuildConfig:
@@ -60,7 +61,8 @@ def parse_args(argv=None) -> BuildConfig:
                epilog=EPILOG)
     m = p.add_argument_group("model")
     m.add_argument("--model", required=True,
-                   help="preset (llava, llava-tiny) or a local Hugging Face checkpoint directory")
+                   help="preset (llava, llava-tiny, qwen2-vl-tiny, qwen2.5-vl, ...) or a local Hugging Face "
+                        "checkpoint directory")
     m.add_argument("--dtype", choices=["fp32", "fp16"], default=d["dtype"], help="weights and activations")
     g = p.add_argument_group("DART")
     g.add_argument("--ratio", type=float, default=dart_d.keep_ratio,
@@ -75,6 +77,9 @@ def parse_args(argv=None) -> BuildConfig:
     o.add_argument("--max-seq", type=int, default=d["max_seq"], help="longest prompt in tokens")
     o.add_argument("--max-context", type=int, default=d["max_context"], help="prompt + generated tokens")
     o.add_argument("--max-batch", type=int, default=d["max_batch"], help="largest batch")
+    o.add_argument("--max-pixels", type=int, default=d["max_pixels"],
+                   help="Qwen2-VL / Qwen2.5-VL: largest image area after resizing, in pixels (default: the "
+                        "checkpoint's max_pixels, capped so one image's tokens fit DartPrune and --max-seq)")
     o.add_argument("--target", choices=["onnx", "trt"], default=d["target"],
                    help="onnx: the ONNX graphs; trt: also build TensorRT engines on this machine "
                         "(same as python -m export.trt --engine-dir OUT afterwards; needs TensorRT)")
@@ -92,14 +97,15 @@ def parse_args(argv=None) -> BuildConfig:
     if not OPSETS[0] <= a.opset <= OPSETS[1]:
         p.error(f"--opset must be in [{OPSETS[0]}, {OPSETS[1]}] (17: DartPrune's body needs it; {OPSETS[1]}: the "
                 f"newest the exporter and TensorRT 10.3's parser both take), got {a.opset}")
-    for flag, value in (("--max-seq", a.max_seq), ("--max-context", a.max_context), ("--max-batch", a.max_batch)):
+    for flag, value in (("--max-seq", a.max_seq), ("--max-context", a.max_context), ("--max-batch", a.max_batch),
+                        ("--max-pixels", a.max_pixels or 1)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
     if a.max_seq > a.max_context:
         p.error(f"--max-seq {a.max_seq} exceeds --max-context {a.max_context}")
     out = a.out if a.out is not None else Path("engines") / Path(a.model.rstrip("/")).name
     return BuildConfig(a.model, out, dart, a.dtype, a.opset, a.max_seq, a.max_context, a.max_batch,
-                       a.validate, a.dry_run, a.verbose, a.target)
+                       a.validate, a.dry_run, a.verbose, a.target, a.max_pixels)
 
 
 def check_sizes(cfg: BuildConfig, n_vision: int) -> None:
@@ -136,6 +142,7 @@ def build(cfg: BuildConfig) -> Manifest | None:
         steps = tqdm(total=6, desc="export", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
         steps.set_postfix_str("loading model")
         loaded = family.load(cfg.model, dtype)
+        family.apply_limits(loaded, cfg)
         n_layers = family.text_adapter(loaded.model).dims.layers
         if not 1 <= cfg.dart.layer < n_layers:
             raise BuildError(f"--layer {cfg.dart.layer} must be in [1, {n_layers - 1}] for this {n_layers}-layer decoder")
@@ -145,14 +152,16 @@ def build(cfg: BuildConfig) -> Manifest | None:
             raise BuildError(f"--max-context {cfg.max_context} exceeds this decoder's sliding attention window "
                              f"{window}; the exported attention has no window, so use --max-context <= {window}")
         dims = stages.decoder_dims(modules["decoder"])
-        sizes = stages.dart_sizes(modules["decoder"], loaded.image_seq_len)
-        axes = declare(cfg.max_batch, cfg.max_seq, cfg.max_context, loaded.image_seq_len)
-        image_size = loaded.preprocess["image_size"]
+        vision_axes = family.vision_axes(loaded, cfg.max_batch)
+        sizes = stages.dart_sizes(modules["decoder"], vision_axes["vision_tokens"].max)
+        axes = declare(cfg.max_batch, cfg.max_seq, cfg.max_context, vision_axes, sizes["max_span"], cfg.dart)
         decls = family.stage_decls(loaded, modules["decoder"], dims, _dtype_name(cfg.dtype))
+        examples = family.vision_examples(loaded, decls["vision_encoder"])
         steps.update()
         files: list[str] = []
         with stages.eager_attention(loaded.model), torch.no_grad():
-            exporters = {"vision_encoder": stages.export_vision_encoder, "embed_tokens": stages.export_embed_tokens,
+            exporters = {"vision_encoder": functools.partial(stages.export_vision_encoder, example=examples.trace),
+                         "embed_tokens": stages.export_embed_tokens,
                          "decoder": functools.partial(stages.export_decoder, sizes=sizes)}
             for stage, fn in exporters.items():
                 steps.set_postfix_str(stage)
@@ -163,8 +172,7 @@ def build(cfg: BuildConfig) -> Manifest | None:
             files.append("tokenizer.json")
             if cfg.validate:
                 steps.set_postfix_str("validating")
-                validate(tmp, modules, dims, image_size, loaded.image_seq_len,
-                         lambda L, after: cfg.dart.counts(L, after), dtype,
+                validate(tmp, modules, decls, examples, dims, lambda L, after: cfg.dart.counts(L, after), dtype,
                          tol=1e-4 if dtype == torch.float32 else 2e-2)
             steps.update()
         checkpoint = None
@@ -203,7 +211,7 @@ def _write_manifest(cfg: BuildConfig, loaded, tmp: Path, files: list[str], check
         dynamic_axes=dict(axes),
         max_context=cfg.max_context,
         tokens=schema.parse_tokens(loaded.tokens, decoder.vocab_size),
-        preprocess=schema.parse_preprocess(loaded.preprocess),
+        preprocess=schema.parse_any_preprocess(loaded.preprocess),
         prompt=schema.parse_prompt(loaded.prompt),
         checkpoint=tuple(checkpoint or ()),
         files={name: writer.file_entry(tmp / name) for name in files},

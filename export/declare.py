@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.axes import VALUE_AXES
 from runtime.manifest import Axis, StageSpec, TensorSpec
 
 __all__ = ["StageDecl", "TensorDecl", "check_graph", "dynamic_shapes", "example_inputs", "signature"]
@@ -25,6 +26,9 @@ class TensorDecl:
     dims: tuple[int | str, ...]  # ints fixed; strings name dynamic axes (outputs: or derived labels)
     # Tracing value: "random" (randn / small ints) or "positions" (0..n-1 along the last dim).
     example: str = "random"
+    # 0-d integer inputs whose value sets shapes in the graph: the axis bounding the value
+    # (the manifest's TensorSpec.values; TensorRT shape-tensor profiles).
+    values: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,7 @@ def text_decls(flat, dims: dict, dtype: str) -> dict[str, StageDecl]:
         "decoder": StageDecl("decoder", "decoder.onnx",
                              inputs=(T("inputs_embeds", dtype, ("batch", "seq", D)),
                                      T("position_ids", "int64", positions, example="positions"),
-                                     T("span_start", "int64", ()), T("span_len", "int64", ()),
-                                     T("quota", "int64", ()), *kv_past),
+                                     *(T(n, "int64", (), values=n) for n in VALUE_AXES), *kv_past),
                              outputs=(T("logits", dtype, ("batch", V)), *kv_present,
                                       T("kept_positions", "int64", ("batch", "kept")))),
     }
@@ -69,16 +72,18 @@ def text_decls(flat, dims: dict, dtype: str) -> dict[str, StageDecl]:
 
 def signature(decl: StageDecl) -> StageSpec:
     """The manifest's tensor signature of a stage."""
-    spec = lambda t: TensorSpec(t.name, t.dtype, tuple(t.dims))
+    spec = lambda t: TensorSpec(t.name, t.dtype, tuple(t.dims), t.values)
     return StageSpec(decl.file, inputs=tuple(map(spec, decl.inputs)), outputs=tuple(map(spec, decl.outputs)))
 
 
-def example_inputs(decl: StageDecl, sizes: dict[str, int], values: dict[str, int] | None = None) -> list:
+def example_inputs(decl: StageDecl, sizes: dict[str, int], values: dict[str, int] | None = None,
+                   seed: int = 0) -> list:
     """One torch tensor per input for tracing: dynamic dims take `sizes[axis]`; inputs named in
-    `values` are filled with that value (scalars: 0-d tensors)."""
+    `values` are filled with that value (scalars: 0-d tensors); random values from `seed`."""
     import torch
 
     values = values or {}
+    g = torch.Generator().manual_seed(seed)
     out = []
     for t in decl.inputs:
         shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.dims)
@@ -88,9 +93,9 @@ def example_inputs(decl: StageDecl, sizes: dict[str, int], values: dict[str, int
         elif t.example == "positions":  # (..., S): 0..S-1 along the last dim, the same for every row
             out.append(torch.arange(shape[-1], dtype=dtype).expand(shape))
         elif dtype.is_floating_point:
-            out.append(torch.randn(shape, dtype=dtype))
+            out.append(torch.randn(shape, generator=g).to(dtype))
         else:
-            out.append(torch.randint(0, 10, shape, dtype=dtype))
+            out.append(torch.randint(0, 10, shape, generator=g).to(dtype))
     return out
 
 

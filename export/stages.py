@@ -1,7 +1,8 @@
 """One export function per stage, each wrapping one module with its own dynamic dims.
 
 Names, dims and dynamic shapes come from the family's stage declaration (export/declare.py); this
-file only chooses the tracing sizes (EXAMPLE_SIZES, EXAMPLE_VALUES).
+file only chooses the text stages' tracing sizes (EXAMPLE_SIZES, EXAMPLE_VALUES); the vision stage
+is traced on the family's example (Family.vision_examples).
 
 All three use the dynamo exporter (see dart_ops/onnx_export.py for why); the decoder carries one
 dart::DartPrune node whose function is attached afterwards. Example inputs use batch 2 (batch 1
@@ -72,28 +73,31 @@ def _export(module, args, dynamic_shapes, input_names, output_names, opset, **da
     return model
 
 
-# Tracing sizes per stage (axis -> size) and the decoder's scalar inputs; validation (export/validate.py)
+# Tracing sizes of the text stages (axis -> size) and the decoder's scalar inputs; the vision stage
+# is traced on the family's own example (Family.vision_examples). Validation (export/validate.py)
 # runs other sizes. The past dims trace empty: the example is a prefill.
 EXAMPLE_SIZES = {
-    "vision_encoder": {"batch": EXAMPLE_BATCH},
     "embed_tokens": {"batch": EXAMPLE_BATCH, "seq": 17},
     "decoder": {"batch": EXAMPLE_BATCH, "seq": EXAMPLE_SEQ, "past_full": 0, "past_kept": 0},
 }
 EXAMPLE_VALUES = {"decoder": {"span_start": 10, "span_len": 60, "quota": 3}}
 
 
-def _export_decl(module, decl: StageDecl, axes: dict[str, Axis], opset: int, nest=None, **dart_sizes):
-    """Trace `module` on the declaration's example inputs with its dynamic shapes; `nest` regroups
-    the flat per-input lists into the module's argument structure."""
+def _export_decl(module, decl: StageDecl, axes: dict[str, Axis], opset: int, nest=None, args=None,
+                 **dart_sizes):
+    """Trace `module` on `args` (default: the declaration's example inputs at EXAMPLE_SIZES) with the
+    declared dynamic shapes; `nest` regroups the flat per-input lists into the module's arguments."""
     nest = nest or tuple
-    args = example_inputs(decl, EXAMPLE_SIZES[decl.name], EXAMPLE_VALUES.get(decl.name))
+    if args is None:
+        args = example_inputs(decl, EXAMPLE_SIZES[decl.name], EXAMPLE_VALUES.get(decl.name))
     shapes = dynamic_shapes(decl, axes)
     names = decl.input_names(), decl.output_names()
-    return _export(module, nest(args), nest(shapes), *names, opset, **dart_sizes)
+    return _export(module, nest(list(args)), nest(shapes), *names, opset, **dart_sizes)
 
 
-def export_vision_encoder(module, decl: StageDecl, axes: dict[str, Axis], opset: int, out: Path):
-    model = _export_decl(module, decl, axes, opset)
+def export_vision_encoder(module, decl: StageDecl, axes: dict[str, Axis], opset: int, out: Path, example):
+    """`example`: the family's tracing inputs (torch tensors in the declaration's order)."""
+    model = _export_decl(module, decl, axes, opset, args=example)
     return _save(model, out / decl.file, force_external=False)
 
 

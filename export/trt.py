@@ -10,9 +10,11 @@ Writes vision_encoder.engine, embed_tokens.engine, decoder.engine next to the ON
 "tensorrt" section in manifest.json (TensorRT version, engine files, profiles, precision); the
 runtime refuses engines built by another TensorRT version.
 
-Optimization profiles come from the manifest's dynamic_axes (declared once at export). The decoder
-gets two, so its weights are stored once in one engine:
-    0 prefill  seq 1..max_seq, past_full = past_kept = 0, span/quota values 0..max
+Optimization profiles come from the manifest's tensor signatures and dynamic_axes (declared once
+at export, export/declare.py); int64 scalars whose values set shapes inside DartPrune (Slice, Range,
+ConstantOfShape) name a value axis and become shape-tensor value ranges. The decoder gets two
+profiles, so its weights are stored once in one engine:
+    0 prefill  seq 1..max_seq, past_full = past_kept = 0, span/quota values over their axes
     1 decode   seq 1, past_full and past_kept 1..max_context, span_start = span_len = quota = 0
 Written against the TensorRT 10.3 Python API (JetPack 6) through polygraphy (>= 0.49):
 network_from_onnx_path, CreateConfig, Profile, engine_from_network, save_engine. TensorRT is
@@ -35,9 +37,6 @@ from runtime.manifest import Manifest
 log = logging.getLogger("export.trt")
 
 STAGES = ("vision_encoder", "embed_tokens", "decoder")
-# int64 scalars of the decoder whose values set shapes inside DartPrune (Slice, Range,
-# ConstantOfShape): TensorRT makes such inputs shape tensors, whose profiles are value ranges.
-DECODER_SCALARS = ("span_start", "span_len", "quota")
 INSTALL_HINT = ("TensorRT is not installed: on Jetson it comes with JetPack 6 (TensorRT 10.3, "
                 "`sudo apt install python3-libnvinfer`); on x86 servers `pip install tensorrt-cu12==10.3.*`; "
                 "and `pip install polygraphy`")
@@ -73,10 +72,18 @@ class TrtConfig:
 
 
 def _axes(manifest: dict, cfg: TrtConfig) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of each dynamic axis, optionally tightened by the build flags."""
+    """(min, opt, max) of each dynamic axis, optionally tightened by the build flags (value axes
+    follow: span_start below the prompt length, span_len and quota within --max-vision-tokens)."""
     axes = {n: (a["min"], a["opt"], a["max"]) for n, a in manifest["dynamic_axes"].items()}
+    max_span = manifest["dart"]["max_span"]
+    if cfg.max_vision_tokens is not None and cfg.max_vision_tokens > max_span:
+        raise TrtBuildError(f"--max-vision-tokens {cfg.max_vision_tokens} exceeds the exported DartPrune's "
+                            f"max_span {max_span}; re-export")
+    seq_limit = None if cfg.max_seq is None else cfg.max_seq - 1
     limits = {"batch": ("--max-batch", cfg.max_batch), "seq": ("--max-seq", cfg.max_seq),
-              "past_full": ("--max-context", cfg.max_context), "past_kept": ("--max-context", cfg.max_context)}
+              "past_full": ("--max-context", cfg.max_context), "past_kept": ("--max-context", cfg.max_context),
+              "span_start": ("--max-seq", seq_limit), "span_len": ("--max-vision-tokens", cfg.max_vision_tokens),
+              "quota": ("--max-vision-tokens", cfg.max_vision_tokens)}
     for name, (flag, limit) in limits.items():
         if limit is None or name not in axes:
             continue
@@ -99,48 +106,34 @@ def _shape(dims: list, axes: dict[str, tuple[int, int, int]], fixed: dict[str, t
 
 
 def profile_specs(manifest: dict, stage: str, cfg: TrtConfig | None = None) -> list[dict]:
-    """Optimization profiles of one stage as plain data:
-    [{"name": ..., "inputs": {input: {"min": .., "opt": .., "max": .., "kind": "shape"|"values"}}}].
-    "values" entries are the value ranges of the decoder's int64 scalars (for shape tensors)."""
+    """Optimization profiles of one stage as plain data, from the manifest's tensor signatures and
+    dynamic_axes only: [{"name": ..., "inputs": {input: {"min", "opt", "max", "kind": "shape"|"values"}}}].
+    Inputs with a "values" axis (the decoder's span_start, span_len, quota) get that axis as a value
+    range (TensorRT shape tensors). A stage with past_* inputs (the decoder) gets two profiles:
+    prefill (empty past) and decode (one token, past 1..max_context, every value axis 0)."""
     cfg = cfg or TrtConfig(engine_dir=Path("."))
     axes = _axes(manifest, cfg)
     inputs = manifest["stages"][stage]["inputs"]
 
-    def spec(name: str, fixed: dict, values: dict) -> dict:
+    def spec(name: str, fixed: dict) -> dict:
         table = {}
         for t in inputs:
-            if t["name"] in values:
-                lo, opt, hi = values[t["name"]]
+            if t.get("values"):
+                lo, opt, hi = fixed.get(t["values"]) or axes[t["values"]]
                 table[t["name"]] = {"min": [lo], "opt": [opt], "max": [hi], "kind": "values"}
             else:
                 lo, opt, hi = _shape(t["shape"], axes, fixed)
                 table[t["name"]] = {"min": list(lo), "opt": list(opt), "max": list(hi), "kind": "shape"}
         return {"name": name, "inputs": table}
 
-    if stage != "decoder":
-        return [spec("default", {}, {})]
-    seq_lo, seq_opt, seq_hi = axes["seq"]
-    max_span = manifest["dart"]["max_span"]
-    if cfg.max_vision_tokens is not None:
-        if cfg.max_vision_tokens > max_span:
-            raise TrtBuildError(f"--max-vision-tokens {cfg.max_vision_tokens} exceeds the exported DartPrune's "
-                                f"max_span {max_span}; re-export")
-        max_span = cfg.max_vision_tokens
-    n_vision = manifest["tokens"]["image_seq_len"]
-    from dart_ops.spec import DartConfig
-
-    d = manifest["dart"]
-    quota = DartConfig(d["layer"], d["pivots_image"], d["pivots_text"],
-                       keep_ratio=d["keep_ratio"]).counts(n_vision, max(seq_opt - n_vision - 5, 0)).quota
-    prefill = spec("prefill", {"past_full": (0, 0, 0), "past_kept": (0, 0, 0)}, {
-        "span_start": (0, min(5, seq_hi - 1), seq_hi - 1),
-        "span_len": (0, min(n_vision, max_span), max_span),
-        "quota": (0, quota, max_span),
-    })
+    used = {d for t in inputs for d in t["shape"] if isinstance(d, str)}
+    if not {"past_full", "past_kept"} & used:
+        return [spec("default", {})]
+    prefill = spec("prefill", {"past_full": (0, 0, 0), "past_kept": (0, 0, 0)})
     ctx_full, ctx_kept = axes["past_full"], axes["past_kept"]
     decode = spec("decode", {"seq": (1, 1, 1), "past_full": (1, max(ctx_full[1], 1), ctx_full[2]),
-                             "past_kept": (1, max(ctx_kept[1], 1), ctx_kept[2])},
-                  {name: (0, 0, 0) for name in DECODER_SCALARS})
+                             "past_kept": (1, max(ctx_kept[1], 1), ctx_kept[2]),
+                             **{t["values"]: (0, 0, 0) for t in inputs if t.get("values")}})
     return [prefill, decode]
 
 
@@ -156,6 +149,9 @@ def to_polygraphy(specs: list[dict], shape_tensors: set[str] | None = None) -> l
         for name, r in s["inputs"].items():
             if r["kind"] == "values" and shape_tensors is not None and name not in shape_tensors:
                 p.add(name, (), (), ())
+            elif r["kind"] != "values" and shape_tensors and name in shape_tensors:
+                raise TrtBuildError(f"TensorRT parses input {name} as a shape tensor, but the manifest gives it no "
+                                    "value range ('values'); re-export with this version of export.build")
             else:
                 p.add(name, tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
         profiles.append(p)

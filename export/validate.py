@@ -56,21 +56,28 @@ def _close(stage: str, name: str, got: np.ndarray, want: np.ndarray, tol: float,
                               f"{eager_err:.3g} (allowed: max({tol:g} x {scale:.3g}, 3 x {eager_err:.3g})) ({where})")
 
 
-def validate(out: Path, modules: dict, dims: dict, image_size: int, image_seq_len: int, counts_for,
-             dtype, tol: float) -> None:
-    """Raise ValidationError on the first mismatch. `counts_for(L, text_after)` -> spec.Counts."""
+def validate(out: Path, modules: dict, decls: dict, examples, dims: dict, counts_for, dtype, tol: float) -> None:
+    """Raise ValidationError on the first mismatch. decls: {stage: export.declare.StageDecl};
+    examples: the family's export.families.VisionExamples (validation inputs of the vision stage and
+    the vision tokens per image of the validation prompt); `counts_for(L, text_after)` -> spec.Counts."""
     g = torch.Generator().manual_seed(1234)
     half = dtype == torch.float16
     refs = {k: copy.deepcopy(m).float() for k, m in modules.items()} if half else {}
     ref_of = lambda k, *args: refs[k](*args) if half else None  # noqa: E731
     with torch.no_grad():
-        # vision encoder: batch 1 (traced with 2)
-        pixels = torch.randn(1, 3, image_size, image_size, generator=g).to(dtype)
-        want = modules["vision_encoder"](pixels).float().numpy()
-        ref = ref_of("vision_encoder", pixels.float())
-        (got,) = _session(out / "vision_encoder.onnx").run(None, {"pixel_values": pixels.numpy()})
-        _close("vision_encoder", "image_features", got.astype(np.float32), want, tol, "batch 1",
-               None if ref is None else ref.numpy())
+        # vision encoder: the family's inputs at other sizes than traced
+        vision = decls["vision_encoder"]
+        sess = _session(out / vision.file)
+        for inputs in examples.validate:
+            where = ", ".join(f"{t.name} {list(x.shape)}" for t, x in zip(vision.inputs, inputs))
+            want = _outputs(modules["vision_encoder"](*inputs))
+            up = [x.float() if x.is_floating_point() else x for x in inputs]
+            ref = _outputs(ref_of("vision_encoder", *up)) if half else [None] * len(want)
+            got = sess.run(None, {t.name: x.numpy() for t, x in zip(vision.inputs, inputs)})
+            for t, g_, w, r in zip(vision.outputs, got, want, ref):
+                _close("vision_encoder", t.name, g_ if g_.dtype == np.int64 else g_.astype(np.float32),
+                       w.numpy() if w.dtype == torch.long else w.float().numpy(), tol, where,
+                       None if r is None else r.float().numpy())
 
         # embed tokens: another length (a lookup: exact in any dtype)
         ids = torch.randint(0, dims["vocab_size"], (1, 29), generator=g)
@@ -83,7 +90,7 @@ def validate(out: Path, modules: dict, dims: dict, image_size: int, image_seq_le
         flat = modules["decoder"]
         names_in, names_out = flat.input_names(), flat.output_names()
         sess = _session(out / "decoder.onnx")
-        (a, after), L = VALIDATION_TEXT, image_seq_len
+        (a, after), L = VALIDATION_TEXT, examples.tokens
         S = a + L + after
         c = counts_for(L, after)
         span_len = L if c.prune else 0
@@ -108,6 +115,11 @@ def validate(out: Path, modules: dict, dims: dict, image_size: int, image_seq_le
         got2 = sess.run(None, feeds)
         _compare_decoder(names_out, got2, want2, tol, f"decode step at position {S}", ref2)
     log.info("validate: all stages match eager PyTorch (tolerance %g)", tol)
+
+
+def _outputs(result) -> list:
+    """A module's output(s) as a list of tensors."""
+    return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
 def _positions(flat, pos: torch.Tensor) -> torch.Tensor:

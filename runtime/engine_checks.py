@@ -20,7 +20,7 @@ from typing import Any
 
 from runtime.errors import EngineError
 from runtime.manifest import (
-    EXPORT_HINT, MAX_PATH, TOKENIZER_NAME, Manifest, _fail, _show, sha256_file,
+    EXPORT_HINT, MAX_PATH, TOKENIZER_NAME, Manifest, PreprocessSpec, _fail, _show, sha256_file,
 )
 from runtime.onnx_refs import external_data_locations
 
@@ -117,12 +117,18 @@ def _check_dims(file: str, tensor: str, shape: Any, want: dict[int, tuple[str, i
 def _check_vision(m: Manifest, stage: Any) -> None:
     spec = m.stages["vision_encoder"]
     pixels, features = spec.inputs[0].name, spec.outputs[0].name
-    size = ("preprocess.image_size", m.preprocess.image_size)
-    tokens = ("tokens.image_seq_len", m.tokens.image_seq_len)
     width = ("decoder.hidden_size", m.decoder.hidden_size)
     inputs, outputs = _shapes(stage, "input_shapes"), _shapes(stage, "output_shapes")
+    feature_shape = outputs.get(features)
+    if isinstance(feature_shape, (list, tuple)) and feature_shape:  # (..., D): the last dim, any family
+        _check_dims(spec.file, features, feature_shape, {len(feature_shape) - 1: width})
+    if not isinstance(m.preprocess, PreprocessSpec):
+        return  # another family's vision inputs: its own rules check them
+    size = ("preprocess.image_size", m.preprocess.image_size)
+    tokens = ("tokens.image_seq_len", m.tokens.image_seq_len)
     _check_dims(spec.file, pixels, inputs.get(pixels), {2: size, 3: size})  # (B, 3, H, W)
-    _check_dims(spec.file, features, outputs.get(features), {1: tokens, 2: width})  # (B, N, D)
+    if m.tokens.image_seq_len is not None:
+        _check_dims(spec.file, features, feature_shape, {1: tokens})  # (B, N, D)
 
 
 def _check_embed(m: Manifest, stage: Any) -> None:

@@ -49,9 +49,13 @@ class TensorSpec:
     name: str
     dtype: str  # numpy-style name: "float32", "float16", "int64"
     shape: tuple[int | str, ...]  # ints for fixed dims, names (keys of dynamic_axes) for dynamic ones
+    # 0-d integer inputs whose VALUE sets shapes inside the graph (the decoder's span and quota):
+    # the axis in dynamic_axes whose min/opt/max bound the value (TensorRT profiles them as
+    # shape-tensor values). None for every other tensor (and not written).
+    values: str | None = None
 
     def to_json(self) -> dict:
-        return fields_json(self)
+        return fields_json(self, skip=() if self.values else ("values",))
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,13 @@ class DartSpec:
     keep_ratio: float  # default ratio; generate(keep_ratio=...) overrides it
     max_span: int
 
-    def config(self, keep_ratio: float | None = None) -> DartConfig:
-        """The DartConfig of this engine at `keep_ratio` (default: the manifest's)."""
+    def config(self, keep_ratio: float | None = None, keep_tokens: int | None = None) -> DartConfig:
+        """The DartConfig of this engine at `keep_ratio` (default: the manifest's), or with an
+        absolute budget of `keep_tokens` vision tokens (T = keep_tokens // P; a budget covering the
+        whole span keeps it all)."""
+        if keep_tokens is not None:
+            return DartConfig(layer=self.layer, pivots_image=self.pivots_image, pivots_text=self.pivots_text,
+                              keep_ratio=None, budget=keep_tokens)
         return DartConfig(layer=self.layer, pivots_image=self.pivots_image, pivots_text=self.pivots_text,
                           keep_ratio=self.keep_ratio if keep_ratio is None else keep_ratio)
 
@@ -113,7 +122,7 @@ class Axis:
 class TokenSpec:
     image_token: str
     image_token_id: int
-    image_seq_len: int
+    image_seq_len: int | None  # vision tokens per image; None: they vary (dynamic_axes.vision_tokens)
     eos_token_ids: tuple[int, ...]  # manifest "eos_token_id": an int, a list of ints, or null
     bos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -217,7 +226,7 @@ class Manifest:
     dynamic_axes: dict[str, Axis]
     max_context: int
     tokens: TokenSpec
-    preprocess: PreprocessSpec
+    preprocess: PreprocessSpec | Any  # PreprocessSpec, or the spec of a registered preprocess kind
     prompt: PromptSpec
     opset: int | None = None
     tools: dict[str, str] = field(default_factory=dict)
@@ -266,7 +275,11 @@ def _tensor(d: Any, where: str) -> TensorSpec:
             raise _fail(f"'{where}.shape' holds {_show(dim)}; dims are ints or dynamic-axis names")
         if isinstance(dim, int):
             _in_range(dim, f"{where}.shape[{i}]", 0, MAX_DIM)
-    return TensorSpec(_get(d, "name", str, where + "."), _dtype(d, "dtype", where + "."), tuple(shape))
+    dtype = _dtype(d, "dtype", where + ".")
+    values = _get(d, "values", str, where + ".", None)
+    if values is not None and (shape or not dtype.startswith("int")):
+        raise _fail(f"'{where}.values' is only for 0-d integer inputs (this one is {dtype} {shape})")
+    return TensorSpec(_get(d, "name", str, where + "."), dtype, tuple(shape), values)
 
 
 def _stage(name: str, d: Any) -> StageSpec:
@@ -291,7 +304,7 @@ def parse_tokens(tok: dict, vocab_size: int = MAX_DIM) -> TokenSpec:
     return TokenSpec(
         image_token=_get(tok, "image_token", str, "tokens."),
         image_token_id=_int(tok, "image_token_id", "tokens.", 0, hi),
-        image_seq_len=_int(tok, "image_seq_len", "tokens.", 1, MAX_SPAN),
+        image_seq_len=_opt_int(tok, "image_seq_len", "tokens.", 1, MAX_SPAN),
         eos_token_ids=eos,
         bos_token_id=_opt_int(tok, "bos_token_id", "tokens.", 0, hi),
         pad_token_id=_opt_int(tok, "pad_token_id", "tokens.", 0, hi),
@@ -329,6 +342,36 @@ def parse_preprocess(pre: dict) -> PreprocessSpec:
     if problem:
         raise _fail(problem)
     return spec
+
+
+# Preprocessing kinds: the "kind" key of the manifest's "preprocess" object; absent means "clip"
+# (PreprocessSpec, LLaVA-1.5's processors). A family with another processor registers its spec's
+# parser (a dict -> spec callable raising ValueError with one line) from its run-time rules module;
+# its spec's to_json writes the "kind".
+_PREPROCESS_KINDS: dict[str, Any] = {}
+
+
+def register_preprocess(kind: str, parse) -> None:
+    if kind == "clip" or _PREPROCESS_KINDS.get(kind, parse) is not parse:
+        raise ValueError(f"preprocess kind {kind!r} is already registered")
+    _PREPROCESS_KINDS[kind] = parse
+
+
+def parse_any_preprocess(pre: dict):
+    """The "preprocess" object as its kind's spec (PreprocessSpec for "clip", the default)."""
+    kind = _get(pre, "kind", str, "preprocess.", "clip")
+    if kind == "clip":
+        return parse_preprocess(pre)
+    import runtime.families  # noqa: F401  (the families' rules modules register their kinds)
+
+    parse = _PREPROCESS_KINDS.get(kind)
+    if parse is None:
+        raise _fail(f"'preprocess.kind' {_show(kind)} is not one this runtime knows "
+                    f"(clip, {', '.join(sorted(_PREPROCESS_KINDS))})")
+    try:
+        return parse(pre)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _dart(dart: dict, num_layers: int) -> DartSpec:
@@ -397,7 +440,7 @@ def _stages(section: dict, axes: dict[str, Axis]) -> dict[str, StageSpec]:
     # profiles); outputs may have derived dims ("kept", "seq + past_full") that are only labels.
     for stage_name, stage in stages.items():
         for t in stage.inputs:
-            for dim in t.shape:
+            for dim in (*t.shape, t.values):
                 if isinstance(dim, str) and dim not in axes:
                     raise _fail(f"stages.{stage_name} input '{t.name}' uses axis '{dim}' "
                                 "that dynamic_axes does not declare")
@@ -422,11 +465,15 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
     decoder = _decoder(_get(raw, "decoder", dict, ""))
     dart = _dart(_get(raw, "dart", dict, ""), decoder.num_layers)
     tokens = parse_tokens(_get(raw, "tokens", dict, ""), decoder.vocab_size)
-    if tokens.image_seq_len > dart.max_span:
+    if tokens.image_seq_len is not None and tokens.image_seq_len > dart.max_span:
         raise _fail(f"'tokens.image_seq_len' must be in [1, {dart.max_span}] ('dart.max_span'), "
                     f"got {tokens.image_seq_len}")
     files = _files(_get(raw, "files", dict, ""))
     axes = _axes(_get(raw, "dynamic_axes", dict, ""))
+    preprocess = parse_any_preprocess(_get(raw, "preprocess", dict, ""))
+    if isinstance(preprocess, PreprocessSpec) and tokens.image_seq_len is None:
+        raise _fail("missing key 'tokens.image_seq_len' (a clip preprocess crops every image to one size, "
+                    "so its vision-token count is fixed)")
     return Manifest(
         directory=directory,
         format_version=raw["format_version"],
@@ -440,7 +487,7 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
         dynamic_axes=axes,
         max_context=_int(raw, "max_context", "", 1, MAX_TOKENS),
         tokens=tokens,
-        preprocess=parse_preprocess(_get(raw, "preprocess", dict, "")),
+        preprocess=preprocess,
         prompt=parse_prompt(_get(raw, "prompt", dict, "")),
         opset=_opt_int(raw, "opset", "", *OPSET_RANGE),
         tools=_tools(_get(raw, "tools", dict, "", default={})),

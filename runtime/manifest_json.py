@@ -23,7 +23,7 @@ from runtime.errors import EngineError
 FORMAT = "dart-vlm-engine"
 FORMAT_VERSION = 2  # 1 -> 2: written from runtime/manifest.py's schema (docs/ENGINE_FORMAT.md, "Versions")
 MANIFEST_NAME = "manifest.json"
-EXPORT_HINT = "python -m export.build --model llava-tiny"
+EXPORT_HINT = "python -m export.build --model MODEL --out DIR"  # MODEL: the preset or checkpoint it came from
 MAX_EOS = 64  # entries of tokens.eos_token_id
 MAX_MANIFEST_BYTES = 16 << 20  # manifest.json size, checked before reading
 MAX_NESTING = 32  # JSON objects / arrays inside each other

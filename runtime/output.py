@@ -22,7 +22,7 @@ class GenerateOutput:
                     kv_bytes (bytes of the KV cache after prefill, both layer groups),
                     max_new_tokens (the limit used: the one asked for, or less when capped to
                     max_context - prompt_tokens).
-    keep_ratio:     the ratio used.
+    keep_ratio:     the ratio used (None when the request gave keep_tokens).
     first_logits:   (V,) float32 logits of the prefill step (what chose the first new token).
     """
 
@@ -30,7 +30,7 @@ class GenerateOutput:
     text: str
     kept_positions: list[int]
     timings: dict[str, float]
-    keep_ratio: float
+    keep_ratio: float | None
     first_logits: np.ndarray | None = None
 
 

@@ -40,7 +40,7 @@ from runtime.output import GenerateOutput, Streamer, cap_new_tokens
 from runtime.output import Streamer as _Streamer  # noqa: F401  (its old name here)
 from runtime.preprocess import ImageLike
 from runtime.prompt import PromptBuilder
-from runtime.sampling import Sampler, check_keep_ratio, check_max_new_tokens, describe
+from runtime.sampling import Sampler, check_keep_ratio, check_keep_tokens, check_max_new_tokens, describe
 from runtime.stage import KVLoop, Stage, kv_loop
 from runtime.steps import Prompt, Request, State, step_timings
 
@@ -128,7 +128,10 @@ class Pipeline:
         does not fit the engine (a span longer than DART's max_span). Runs no graph."""
         r, m = request, self.manifest
         max_new_tokens = check_max_new_tokens(r.max_new_tokens)
-        ratio = self.resolve_ratio(r.keep_ratio)
+        if r.keep_ratio is not None and r.keep_tokens is not None:
+            raise InputError("give either keep_ratio or keep_tokens, not both")
+        keep_tokens = None if r.keep_tokens is None else check_keep_tokens(r.keep_tokens)
+        ratio = None if keep_tokens is not None else self.resolve_ratio(r.keep_ratio)
         sampler = Sampler(r.temperature, r.top_p, r.seed)
         if r.stream is not None and not callable(r.stream):
             raise InputError(f"stream must be a callable taking each new piece of text, got {describe(r.stream)}")
@@ -143,7 +146,7 @@ class Pipeline:
         self._check_length(S)
         max_new_tokens = self._cap_new_tokens(S, max_new_tokens)
         a, L = spans[0] if spans else (0, 0)  # DART prunes the first image's span
-        counts = m.dart.config(ratio).counts(L, S - a - L)
+        counts = m.dart.config(ratio, keep_tokens).counts(L, S - a - L)
         if counts.prune and L > m.dart.max_span:
             raise EngineError(f"vision span of {L} tokens exceeds the engine's max_span {m.dart.max_span}")
         positions = self.rules.positions(ids, spans, vision)
@@ -240,6 +243,7 @@ class Pipeline:
         input_ids: Sequence[int] | np.ndarray | None = None,
         pixel_values: np.ndarray | None = None,
         keep_ratio: float | None = None,
+        keep_tokens: int | None = None,
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -252,7 +256,8 @@ class Pipeline:
         `ignore_eos` generates exactly max_new_tokens (eos tokens included; for benchmarks).
 
         Numbers may be Python or numpy scalars (bools are refused): keep_ratio in (0, 1] (None: the
-        manifest's), max_new_tokens an integer >= 0, temperature finite >= 0 (0 = greedy), top_p in
+        manifest's) or instead keep_tokens, an absolute budget of vision tokens >= 0 (T =
+        keep_tokens // P pivots' quota; a budget of at least the span keeps it all), max_new_tokens an integer >= 0, temperature finite >= 0 (0 = greedy), top_p in
         (0, 1], seed None or an integer in [0, 2**63 - 1] (negative seeds are refused, not mapped).
         max_new_tokens larger than max_context - prompt tokens is capped to it, with a warning (as
         transformers' generate stops at max_length); timings["max_new_tokens"] is the limit used. A
@@ -263,7 +268,7 @@ class Pipeline:
         the generation."""
         t_start = time.perf_counter()
         p = self.prepare(Request(prompt, image, input_ids, pixel_values, keep_ratio, max_new_tokens, temperature,
-                                 top_p, seed, stream, ignore_eos))
+                                 top_p, seed, stream, ignore_eos, keep_tokens))
         t_pre = time.perf_counter()
         state = self.prefill(p)
         t3 = time.perf_counter()
@@ -287,8 +292,9 @@ class Pipeline:
             streamer.finish(text)
         t4 = time.perf_counter()
         timings = step_timings(p, state, tokens, pre_s=t_pre - t_start, decode_s=t4 - t3, total_s=t4 - t_start)
-        log.info("generate: S=%d, span [%d, %d), ratio %.3f -> T=%d, kept %d; %d new tokens",
-                 len(p.ids), p.span[0], sum(p.span), p.ratio, p.counts.quota, len(state.kept), len(tokens))
+        log.info("generate: S=%d, span [%d, %d), %s -> T=%d, kept %d; %d new tokens", len(p.ids), p.span[0],
+                 sum(p.span), f"ratio {p.ratio:.3f}" if p.ratio is not None else "keep_tokens",
+                 p.counts.quota, len(state.kept), len(tokens))
         return GenerateOutput(tokens, text, state.kept, timings, p.ratio, first_logits)
 
 

@@ -95,6 +95,10 @@ class PromptBuilder:
         return self.expand(ids)
 
     def expand(self, ids: Sequence[int]) -> list[int]:
+        """One image token -> image_seq_len copies; unchanged when the count varies per image
+        (image_seq_len None: the family expands it once it knows the image)."""
+        if self.tokens.image_seq_len is None:
+            return list(ids)
         return expand_image_tokens(ids, self.tokens.image_token_id, self.tokens.image_seq_len)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -48,6 +48,7 @@ class RunConfig:
     prompt: str
     image: Path | None = None
     ratio: float | None = None  # None: the engine's default keep ratio
+    keep_tokens: int | None = None  # an absolute budget instead of the ratio
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
@@ -104,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--prompt", required=True, help="the question; the engine's chat template is applied "
                                                     "(a question starting with '-' is written --prompt=-...)")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--ratio", type=_checked(float, "check_keep_ratio"), default=d["ratio"],
-                     help="DART keep ratio of vision tokens in (0, 1]; default: the engine's (manifest)")
+    keep = gen.add_mutually_exclusive_group()
+    keep.add_argument("--ratio", type=_checked(float, "check_keep_ratio"), default=d["ratio"],
+                      help="DART keep ratio of vision tokens in (0, 1]; default: the engine's (manifest)")
+    keep.add_argument("--keep-tokens", type=_checked(int, "check_keep_tokens"), default=d["keep_tokens"],
+                      help="keep this many vision tokens instead of a ratio (T = N // pivots; N >= the "
+                           "image's vision tokens keeps them all)")
     gen.add_argument("--max-new-tokens", type=_checked(int, "check_max_new_tokens"),
                      default=d["max_new_tokens"],
                      help="stop after this many tokens (or at the end-of-sequence token); capped, with a "
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="intra-op threads per stage (default: ONNX Runtime's)")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", default=d["json"],
-                     help="print one JSON object (token_ids, text, kept_positions, timings, keep_ratio)")
+                     help="print one JSON object (token_ids, text, kept_positions, timings, keep_ratio, keep_tokens)")
     out.add_argument("-v", "--verbose", action="store_true", default=d["verbose"],
                      help="log progress; tracebacks on errors")
     return p
@@ -134,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     a = build_parser().parse_args(argv)
     return RunConfig(
-        engine_dir=a.engine_dir, prompt=a.prompt, image=a.image, ratio=a.ratio,
+        engine_dir=a.engine_dir, prompt=a.prompt, image=a.image, ratio=a.ratio, keep_tokens=a.keep_tokens,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
         provider=a.provider, threads=a.threads, json=a.json, verbose=a.verbose,
     )
@@ -160,7 +165,8 @@ def run(config: RunConfig):
         sys.stdout.flush()
 
     return pipe.generate(
-        config.prompt, image=config.image, keep_ratio=config.ratio, max_new_tokens=config.max_new_tokens,
+        config.prompt, image=config.image, keep_ratio=config.ratio, keep_tokens=config.keep_tokens,
+        max_new_tokens=config.max_new_tokens,
         temperature=config.temperature, top_p=config.top_p, seed=config.seed,
         stream=None if config.json else write,
     )
@@ -169,7 +175,8 @@ def run(config: RunConfig):
 def print_result(config: RunConfig, out) -> None:
     if config.json:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "kept_positions": out.kept_positions,
-                          "timings": out.timings, "keep_ratio": out.keep_ratio}))
+                          "timings": out.timings, "keep_ratio": out.keep_ratio,
+                          "keep_tokens": config.keep_tokens}))
     else:
         print()
         print(summary(out), file=sys.stderr)

@@ -64,6 +64,10 @@ def check_keep_ratio(value) -> float:
     return as_real(value, "keep ratio", "in (0, 1] (1.0 keeps every vision token)", lambda v: 0.0 < v <= 1.0)
 
 
+def check_keep_tokens(value) -> int:
+    return as_int(value, "keep_tokens", "an integer >= 0 (vision tokens to keep)", lambda v: 0 <= v < 2**31)
+
+
 def check_max_new_tokens(value) -> int:
     return as_int(value, "max_new_tokens", "an integer >= 0", lambda v: v >= 0)
 

@@ -31,6 +31,7 @@ class Request:
     seed: int | None = None
     stream: Callable[[str], None] | None = None
     ignore_eos: bool = False
+    keep_tokens: int | None = None  # an absolute budget instead of keep_ratio
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,15 @@ class Prompt:
     """A checked request, ready for prefill. ids: the full prompt (S), image tokens expanded;
     vision: the vision graph's feeds (None: text only); spans: (start, length) of each image's
     tokens; span: the one DART prunes ((0, 0): none); positions: prefill ids and decode start;
-    counts: DART's numbers for `ratio`; max_new_tokens: capped to the engine's max_context."""
+    counts: DART's numbers for `ratio` (or `keep_tokens`); max_new_tokens: capped to the engine's
+    max_context. ratio is None when the request gave keep_tokens."""
 
     ids: list[int]
     vision: VisionInput | None
     spans: tuple[Span, ...]
     span: Span
     positions: Positions
-    ratio: float
+    ratio: float | None
     counts: Counts
     max_new_tokens: int
     sampler: Sampler

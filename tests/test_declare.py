@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 
+from dart_ops.spec import DartConfig
 from export.axes import declare
 from export.declare import StageDecl, TensorDecl, check_graph, dynamic_shapes, example_inputs, signature
 from export.validate import ValidationError
@@ -29,11 +30,12 @@ def test_llava_decls_give_the_manifest_signatures(llava_decls, tiny_engine):
     assert {name: signature(d).to_json() for name, d in llava_decls.items()} == manifest["stages"]
     # and those are LLaVA-1.5's shapes (tiny: 336 px, 576 vision tokens, hidden 64, 2 KV heads of 16, K = 2)
     spec = {name: signature(d) for name, d in llava_decls.items()}
-    assert spec["vision_encoder"].inputs[0].shape == ("batch", 3, 336, 336)
-    assert spec["vision_encoder"].outputs[0].shape == ("batch", 576, 64)
+    assert spec["vision_encoder"].inputs[0].shape == ("images", 3, 336, 336)
+    assert spec["vision_encoder"].outputs[0].shape == ("images", 576, 64)
     dec = spec["decoder"]
     assert [t.name for t in dec.inputs[:5]] == ["inputs_embeds", "position_ids", "span_start", "span_len", "quota"]
     assert dec.input("position_ids").shape == ("batch", "seq")
+    assert dec.input("quota").values == "quota" and dec.input("position_ids").values is None
     assert dec.input("quota").shape == ()
     assert dec.input("past_value_1").shape == ("batch", 2, "past_full", 16)
     assert dec.input("past_key_2").shape == ("batch", 2, "past_kept", 16)
@@ -52,7 +54,8 @@ def test_example_inputs_and_dynamic_shapes():
     assert pos.shape == (3, 2, 5) and pos.dtype == torch.int64
     assert torch.equal(pos, torch.arange(5).expand(3, 2, 5))
     assert quota.shape == () and int(quota) == 3
-    axes = declare(max_batch=4, max_seq=64, max_context=128, image_seq_len=16)
+    axes = declare(max_batch=4, max_seq=64, max_context=128,
+                   vision={"vision_tokens": Axis(16, 16, 16, "vision_tokens")}, max_span=24, dart=DartConfig(2, 4, 4))
     shapes = dynamic_shapes(decl, axes)
     assert sorted(shapes[0]) == [0, 1] and sorted(shapes[1]) == [1, 2] and shapes[2] is None
     assert shapes[0][0] is shapes[1][1]  # one Dim per axis name, shared between inputs

@@ -1,4 +1,5 @@
-"""End to end on every registered family's tiny preset (llava-tiny today): `export.build` -> engine
+"""End to end on every registered fixed-resolution family's tiny preset (llava-tiny today; the
+dynamic-resolution Qwen2-VL family has the same checks in tests/test_qwen_family.py): `export.build` -> engine
 directory -> torch-free runtime (ONNX Runtime, CPU, fp32), against Hugging Face generate and the eager
 DART path on the same checkpoint. The parity tests are parametrized over the family registry, so a new
 family gets them without editing this file (tests/test_export.py checks each family has a tiny preset)."""
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "examples" / "sample.png"
 QUESTION = "What is shown in this picture, and why?"
 N_NEW = 24
-TINY_PRESETS = [f"{name}-tiny" for name in sorted(families.families())]  # each family's tiny preset
+# each fixed-resolution family's tiny presets (Qwen2-VL's dynamic resolution: tests/test_qwen_family.py)
+TINY_PRESETS = [p for _, f in sorted(families.families().items()) if f.fixed_resolution for p in f.tiny()]
 
 
 @pytest.fixture(scope="module", params=TINY_PRESETS)

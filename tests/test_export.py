@@ -27,11 +27,14 @@ def test_registry_rejects_duplicates():
 
 @pytest.mark.parametrize("name", sorted(families.families()))
 def test_every_family_has_a_tiny_preset(name):
-    """tests/test_end_to_end.py runs its parity tests (HF generate, eager DART) on `<family>-tiny` for
-    every registered family, parametrized over the registry: the preset must exist and be the family's."""
-    tiny = f"{name}-tiny"
-    assert tiny in families.families()[name].presets, f"family {name} has no {tiny} preset"
-    assert families.resolve(tiny) is families.families()[name]
+    """tests/test_end_to_end.py runs its parity tests (HF generate, eager DART) on the tiny preset of
+    every registered fixed-resolution family, parametrized over the registry (a dynamic-resolution
+    family, Qwen2-VL, has its own: tests/test_qwen_family.py): the presets must exist and be the family's."""
+    fam = families.families()[name]
+    assert fam.tiny()
+    for tiny in fam.tiny():
+        assert tiny in fam.presets, f"family {name} has no {tiny} preset"
+        assert families.resolve(tiny) is fam
 
 
 def test_help_and_dry_run():
@@ -122,5 +125,12 @@ def test_validation_names_stage_and_tensor(tiny_engine):
     with torch.no_grad():
         loaded.model.lm_head.weight.mul_(1.01)  # the eager model now differs from the graph
     dims = stages.decoder_dims(modules["decoder"])
+    decls = loaded.family.stage_decls(loaded, modules["decoder"], dims, "float32")
+    examples = loaded.family.vision_examples(loaded, decls["vision_encoder"])
     with pytest.raises(ValidationError, match=r"decoder: logits differs from eager"):
-        validate(out, modules, dims, 336, 576, DartConfig().counts, torch.float32, tol=1e-4)
+        validate(out, modules, decls, examples, dims, DartConfig().counts, torch.float32, tol=1e-4)
+    with torch.no_grad():
+        modules["vision_encoder"].projector.linear_2.bias.add_(0.1)  # and now the vision stage too
+    with pytest.raises(ValidationError, match=r"vision_encoder: image_features differs from eager PyTorch by "
+                                              r".*\(pixel_values \[1, 3, 336, 336\]\)"):
+        validate(out, modules, decls, examples, dims, DartConfig().counts, torch.float32, tol=1e-4)

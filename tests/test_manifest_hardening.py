@@ -384,7 +384,7 @@ def tiny_stages(tiny_engine):
 def test_real_graphs_expose_shapes_and_metadata(tiny_stages, tiny_engine):
     check_graphs(read_manifest(tiny_engine[0]), tiny_stages)
     dec = tiny_stages["decoder"]
-    assert tiny_stages["vision_encoder"].input_shapes["pixel_values"] == ["batch", 3, 336, 336]
+    assert tiny_stages["vision_encoder"].input_shapes["pixel_values"] == ["images", 3, 336, 336]
     assert dec.input_shapes["past_key_1"] == ["batch", 2, "past_full", 16]
     assert dec.input_shapes["past_key_2"] == ["batch", 2, "past_kept", 16]
     assert dec.output_shapes["logits"] == ["batch", 1024]

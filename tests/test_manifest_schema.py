@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from export import outdir
+from dart_ops.spec import DartConfig
 from export.axes import declare, min_seq
 from runtime import EngineError
 from runtime.manifest import (
@@ -62,7 +63,11 @@ def test_informational_parts_survive(tiny_engine):
     assert m.opset == 18
     assert {n: (a.name, a.min, a.max) for n, a in m.dynamic_axes.items()} == {
         "batch": ("batch", 1, 4), "seq": ("seq", 1, 2048), "past_full": ("past_full", 0, 4096),
-        "past_kept": ("past_kept", 0, 4096)}
+        "past_kept": ("past_kept", 0, 4096), "images": ("images", 1, 4),
+        "vision_tokens": ("vision_tokens", 576, 576), "span_start": ("span_start", 0, 2047),
+        "span_len": ("span_len", 0, 584), "quota": ("quota", 0, 584)}
+    assert {t.name: t.values for t in m.stages["decoder"].inputs if t.values} == {
+        "span_start": "span_start", "span_len": "span_len", "quota": "quota"}
 
 
 def test_tensorrt_section_round_trips(tiny_engine, tmp_path):
@@ -95,11 +100,21 @@ def test_eos_form_and_numbers_are_canonical():
 
 
 def test_declared_axes_are_the_schema_axis():
-    axes = declare(max_batch=2, max_seq=700, max_context=1024, image_seq_len=576)
+    vision = {"images": Axis(1, 1, 2, "images"), "vision_tokens": Axis(576, 576, 576, "vision_tokens")}
+    axes = declare(max_batch=2, max_seq=700, max_context=1024, vision=vision, max_span=584,
+                   dart=DartConfig(2, 4, 4, keep_ratio=0.111))
     assert all(type(a) is Axis for a in axes.values())
+    # the value axes: span_start below the longest prompt; span_len and quota up to max_span, their
+    # opt for one 576-token image in a 640-token prompt (quota: round(0.111 * 576) // 8 = 8)
     assert {n: (a.name, a.min, a.opt, a.max) for n, a in axes.items()} == {
+        "images": ("images", 1, 1, 2), "vision_tokens": ("vision_tokens", 576, 576, 576),
         "batch": ("batch", 1, 1, 2), "seq": ("seq", 1, 640, 700), "past_full": ("past_full", 0, 640, 1024),
-        "past_kept": ("past_kept", 0, 128, 1024)}
+        "past_kept": ("past_kept", 0, 128, 1024), "span_start": ("span_start", 0, 5, 699),
+        "span_len": ("span_len", 0, 576, 584), "quota": ("quota", 0, 8, 584)}
+    with pytest.raises(ValueError, match=r"vision axes \['images'\] lack 'vision_tokens'"):
+        declare(2, 700, 1024, {"images": vision["images"]}, 584, DartConfig(2, 4, 4))
+    with pytest.raises(ValueError, match=r"redeclare \['seq'\]"):
+        declare(2, 700, 1024, {**vision, "seq": Axis(1, 1, 9, "seq")}, 584, DartConfig(2, 4, 4))
     assert min_seq(576) == 606
 
 

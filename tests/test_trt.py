@@ -65,7 +65,7 @@ def test_vision_and_embed_profiles(tiny_engine):
     (vis,) = trt.profile_specs(m, "vision_encoder")
     (emb,) = trt.profile_specs(m, "embed_tokens")
     size = m["preprocess"]["image_size"]
-    assert _ranges(vis) == {"pixel_values": tuple((b, 3, size, size) for b in ax["batch"])}
+    assert _ranges(vis) == {"pixel_values": tuple((b, 3, size, size) for b in ax["images"])}
     assert _ranges(emb) == {"input_ids": tuple(zip(ax["batch"], ax["seq"]))}
 
 
@@ -75,6 +75,7 @@ def test_tighter_limits_and_wider_limits(tiny_engine):
     prefill, decode = trt.profile_specs(m, "decoder", cfg)
     assert _ranges(prefill)["inputs_embeds"][2] == (1, 700, 64)
     assert _ranges(decode)["past_key_0"][2] == (1, 2, 1024, 16)
+    assert _ranges(prefill)["span_start"] == ((0,), (5,), (699,))  # a span starts inside the prompt
     with pytest.raises(trt.TrtBuildError, match="--max-seq 99999 exceeds"):
         trt.profile_specs(m, "decoder", trt.TrtConfig(Path("."), max_seq=99999))
     prefill, _ = trt.profile_specs(m, "decoder", trt.TrtConfig(Path("."), max_vision_tokens=576))
@@ -94,6 +95,25 @@ def test_polygraphy_profiles(tiny_engine):
     # a scalar TensorRT did not parse as a shape tensor gets the 0-d shape instead of values
     (p, _) = trt.to_polygraphy(specs, shape_tensors={"span_start", "span_len"})
     assert p["quota"].min == () and p["span_len"].max == (m["dart"]["max_span"],)
+
+
+def test_value_ranges_come_from_the_manifest_only(tiny_engine):
+    """A 0-d input's value range is its "values" axis: change the axis, the profile follows; an
+    engine directory whose scalars name no axis (exported before) is refused where TensorRT makes
+    them shape tensors."""
+    _, m = tiny_engine
+    m = json.loads(json.dumps(m))
+    m["dynamic_axes"]["quota"] = {"min": 0, "opt": 31, "max": 77}
+    prefill, decode = trt.profile_specs(m, "decoder")
+    assert _ranges(prefill)["quota"] == ((0,), (31,), (77,)) and _ranges(decode)["quota"] == ((0,), (0,), (0,))
+    for t in m["stages"]["decoder"]["inputs"]:
+        t.pop("values", None)
+    specs = trt.profile_specs(m, "decoder")
+    assert _ranges(specs[0])["quota"] == ((), (), ())  # a plain 0-d shape
+    pytest.importorskip("polygraphy", reason="polygraphy is not installed")
+    with pytest.raises(trt.TrtBuildError, match="TensorRT parses input span_start as a shape tensor, but the "
+                                                r"manifest gives it no value range \('values'\); re-export"):
+        trt.to_polygraphy(specs, shape_tensors={"span_start"})
 
 
 # --- CLI -----------------------------------------------------------------------------------------

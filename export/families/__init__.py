@@ -35,11 +35,30 @@ class Loaded:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class VisionExamples:
+    """The vision stage's tracing inputs, its validation inputs (other sizes than traced) and the
+    vision tokens per image the validation prompt uses."""
+
+    trace: list
+    validate: list[list]
+    tokens: int
+
+
 class Family:
     """Interface of a model family. Subclasses register one instance with `register`."""
 
     name: str = ""
     presets: dict[str, str] = {}  # preset name -> description
+    # Random-weight presets the parity tests run on (default: "<name>-tiny").
+    tiny_presets: tuple[str, ...] = ()
+    # True: every image becomes the same vision-token count and the vision graph takes
+    # pixel_values [images, 3, H, W] (tests/test_end_to_end.py's parity tests apply); False:
+    # dynamic resolution (Qwen2-VL), whose parity tests live in the family's own test file.
+    fixed_resolution: bool = True
+
+    def tiny(self) -> tuple[str, ...]:
+        return self.tiny_presets or (f"{self.name}-tiny",)
 
     def accepts_checkpoint(self, config: dict) -> bool:  # config.json of a local checkpoint
         raise NotImplementedError
@@ -55,6 +74,34 @@ class Family:
     def stage_modules(self, loaded: Loaded, dart) -> dict:
         """{"vision_encoder": module, "embed_tokens": module, "decoder": FlatDecoder}."""
         raise NotImplementedError
+
+    def apply_limits(self, loaded: Loaded, cfg) -> None:
+        """Apply the export's size limits (export.build.BuildConfig) to what `load` recorded. Default:
+        fixed-size images, so --max-pixels does not apply."""
+        if getattr(cfg, "max_pixels", None) is not None:
+            raise ValueError(f"--max-pixels applies to dynamic-resolution families (qwen2_vl); {self.name} "
+                             "images are resized to one size")
+
+    def vision_axes(self, loaded: Loaded, max_batch: int) -> dict:
+        """{name: runtime.manifest.Axis} of the vision side: "vision_tokens" (vision tokens per image,
+        min/opt/max) and the axes the vision stage declares beyond the text axes (images, crops,
+        patches, windows). Default: a fixed count, loaded.image_seq_len, and no axes of its own."""
+        from runtime.manifest import Axis
+
+        n = loaded.image_seq_len
+        return {"vision_tokens": Axis(n, n, n, "vision_tokens")}
+
+    def vision_examples(self, loaded: Loaded, decl) -> "VisionExamples":
+        """Inputs of the vision stage for tracing and for validation on other sizes (torch tensors in
+        the declaration's order). Default: random values with every dynamic dim 2 for tracing (1
+        would be specialised away) and 1 for validation; families whose vision inputs carry
+        structure (index tables, grids) override it."""
+        from export.declare import example_inputs
+
+        axes = {d for t in decl.inputs for d in t.dims if isinstance(d, str)}
+        return VisionExamples(trace=example_inputs(decl, dict.fromkeys(axes, 2)),
+                              validate=[example_inputs(decl, dict.fromkeys(axes, 1), seed=1)],
+                              tokens=loaded.image_seq_len)
 
     def stage_decls(self, loaded: Loaded, flat, dims: dict, dtype: str) -> dict:
         """{stage: export.declare.StageDecl}: names, dtypes and dims over named axes of each stage's
@@ -120,4 +167,4 @@ def resolve(model: str) -> Family:
 
 
 def _import_all() -> None:
-    from export.families import llava  # noqa: F401  (registers itself)
+    from export.families import llava, qwen2_vl  # noqa: F401  (register themselves)

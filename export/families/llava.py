@@ -368,6 +368,14 @@ class LlavaFamily(Family):
             "decoder": FlatDecoder(decoder).eval(),
         }
 
+    def vision_axes(self, loaded: Loaded, max_batch: int) -> dict:
+        """images: crops per vision call (one per image; LLaVA-1.5 has no tiling); vision_tokens:
+        fixed by the tower's image and patch size."""
+        from runtime.manifest import Axis
+
+        n = loaded.image_seq_len
+        return {"images": Axis(1, 1, max_batch, "images"), "vision_tokens": Axis(n, n, n, "vision_tokens")}
+
     def stage_decls(self, loaded: Loaded, flat, dims: dict, dtype: str) -> dict:
         """The three stages' declarations (export/declare.py): the CLIP vision stage here, the text
         stages as DartDecoder exports them for every family. dims: the manifest's decoder sizes;
@@ -376,8 +384,8 @@ class LlavaFamily(Family):
 
         size, N, D = loaded.preprocess["image_size"], loaded.image_seq_len, dims["hidden_size"]
         vision = StageDecl("vision_encoder", "vision_encoder.onnx",
-                           inputs=(TensorDecl("pixel_values", dtype, ("batch", 3, size, size)),),
-                           outputs=(TensorDecl("image_features", dtype, ("batch", N, D)),))
+                           inputs=(TensorDecl("pixel_values", dtype, ("images", 3, size, size)),),
+                           outputs=(TensorDecl("image_features", dtype, ("images", N, D)),))
         return {"vision_encoder": vision, **text_decls(flat, dims, dtype)}
 
 

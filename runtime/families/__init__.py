@@ -11,8 +11,9 @@
 
 One module per family registers its rules class with @register("name"). What the next families
 need (../shared/notes/families.md): Qwen2-VL's positions are [3, B, S] with decode at
-S + t + rope_delta (Positions.decode_start = S + rope_delta) and its graph returns kept indices;
-LLaVA-NeXT has a variable number of vision tokens per image (VisionInput.tokens).
+S + t + rope_delta (Positions.decode_start = S + rope_delta) and its graph returns kept indices
+(runtime/families/qwen2_vl.py); LLaVA-NeXT has a variable number of vision tokens per image
+(VisionInput.tokens).
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ class VisionInput:
     """One request's images as the vision graph takes them.
 
     feeds:  the vision graph's inputs by name (LLaVA-1.5: pixel_values (1, 3, H, W)).
-    tokens: vision tokens each image becomes in the prompt, in order (LLaVA-1.5: (image_seq_len,))."""
+    tokens: vision tokens each image becomes in the prompt, in order (LLaVA-1.5: (image_seq_len,)).
+    grids:  each image's patch grid (gh, gw), for families whose positions depend on it (Qwen)."""
 
     feeds: dict[str, np.ndarray]
     tokens: tuple[int, ...]
+    grids: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -124,4 +127,4 @@ def rules_for(manifest, prompt):
     return rules_class(manifest.family)(manifest, prompt)
 
 
-from runtime.families import llava  # noqa: F401  (registers the built-in families)
+from runtime.families import llava, qwen2_vl  # noqa: F401, E402  (registers the built-in families)

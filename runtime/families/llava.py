@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from runtime.errors import InputError
+from runtime.errors import EngineError, InputError
 from runtime.families import (
     Positions,
     Span,
@@ -20,6 +20,7 @@ from runtime.families import (
     place_features,
     register,
 )
+from runtime.manifest import EXPORT_HINT, PreprocessSpec
 from runtime.preprocess import ImageLike, preprocess
 from runtime.prompt import PromptBuilder, find_span
 
@@ -29,6 +30,9 @@ class LlavaRules:
     """LLaVA-1.5 (llava-hf/llava-1.5-*): one image per prompt, image_seq_len tokens each."""
 
     def __init__(self, manifest, prompt: PromptBuilder):
+        if manifest.tokens.image_seq_len is None or not isinstance(manifest.preprocess, PreprocessSpec):
+            raise EngineError("manifest.json: a LLaVA-1.5 engine needs 'tokens.image_seq_len' and a clip "
+                              f"'preprocess'; re-export the engine with: {EXPORT_HINT}")
         self.manifest, self.prompt = manifest, prompt
         spec = manifest.stages["vision_encoder"].inputs[0]
         self.pixel_name, self.pixel_dtype = spec.name, np_dtype(spec.dtype, "vision_encoder")
