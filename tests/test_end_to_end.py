@@ -153,6 +153,30 @@ def test_cli_json_matches_api(pipe, tiny_engine):
     assert got["text"] == want.text
 
 
+def test_keep_tokens_equals_eager_dart_with_that_budget(pipe, checkpoint_model, inputs, tiny_engine):
+    """keep_tokens=N is DART with an absolute budget (T = N // P), from the same engine directory, and
+    the CLI's --keep-tokens gives the API's answer."""
+    ids, pixels = inputs
+    d = tiny_engine[1]["dart"]
+    config = DartConfig(d["layer"], d["pivots_image"], d["pivots_text"], keep_ratio=None, budget=100)
+    want = EagerDart(checkpoint_model, config).generate(ids, torch.from_numpy(pixels), max_new_tokens=8)
+    out = pipe.generate(input_ids=ids.numpy(), pixel_values=pixels, keep_tokens=100, max_new_tokens=8,
+                        ignore_eos=True)
+    assert out.kept_positions == want.kept_positions and out.token_ids == want.token_ids
+    L, a = _vision_span(ids, tiny_engine[1])
+    P = d["pivots_image"] + d["pivots_text"]
+    assert len(out.kept_positions) == ids.shape[1] - L + d["pivots_image"] + P * (100 // P)
+    assert out.keep_ratio is None
+    r = _run_cli("--engine-dir", str(tiny_engine[0]), "--image", str(SAMPLE), "--prompt", "What is this?",
+                 "--max-new-tokens", "4", "--keep-tokens", "100", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    api = pipe.generate(prompt="What is this?", image=SAMPLE, max_new_tokens=4, keep_tokens=100)
+    assert (got["token_ids"], got["kept_positions"], got["keep_tokens"]) == (api.token_ids, api.kept_positions, 100)
+    r = _run_cli("--engine-dir", str(tiny_engine[0]), "--prompt", "x", "--keep-tokens", "10", "--ratio", "0.5")
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+
+
 BLOCKED = """
 import sys, json
 sys.modules["torch"] = None
