@@ -58,17 +58,42 @@ class TensorSpec:
         return fields_json(self, skip=() if self.values else ("values",))
 
 
+QUANT_FORMATS = ("MatMulNBits", "QDQ")  # com.microsoft.MatMulNBits (ONNX Runtime); DequantizeLinear -> MatMul
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Weight-only quantization of one stage's graph (python -m export.quantize)."""
+
+    bits: int  # 4 or 8
+    block_size: int  # weights per scale along the input dim
+    symmetric: bool  # no zero points
+    algorithm: str  # "rtn": ONNX Runtime's default weight-only quantizer (round to nearest)
+    format: str  # QUANT_FORMATS: "MatMulNBits" for ONNX Runtime, "QDQ" for TensorRT
+    nodes: int  # MatMul (and Gather) nodes quantized
+    accuracy_level: int | None = None  # MatMulNBits compute type (4: int8 compute on CPU)
+    excluded: tuple[str, ...] = ()  # nodes left in float on purpose (e.g. the LM head)
+
+    def to_json(self) -> dict:
+        return fields_json(self)
+
+
 @dataclass(frozen=True)
 class StageSpec:
     file: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    quantization: QuantSpec | None = None  # None: weights in the manifest's dtype
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
+    def precision(self, dtype: str) -> str:
+        """"int4" / "int8" for a quantized stage, else the engine's dtype ("float32", "float16")."""
+        return f"int{self.quantization.bits}" if self.quantization else dtype
+
     def to_json(self) -> dict:
-        return fields_json(self)
+        return fields_json(self, skip=() if self.quantization else ("quantization",))
 
 
 @dataclass(frozen=True)
@@ -288,10 +313,29 @@ def _stage(name: str, d: Any) -> StageSpec:
         raise _fail(f"'{where}' must be an object")
     inputs = _get(d, "inputs", list, where + ".")
     outputs = _get(d, "outputs", list, where + ".")
+    quant = _get(d, "quantization", (dict, type(None)), where + ".", None)
     return StageSpec(
         file=_rel_path(_get(d, "file", str, where + "."), f"'{where}.file'"),
         inputs=tuple(_tensor(t, f"{where}.inputs[{i}]") for i, t in enumerate(inputs)),
         outputs=tuple(_tensor(t, f"{where}.outputs[{i}]") for i, t in enumerate(outputs)),
+        quantization=None if quant is None else _quant(quant, f"{where}.quantization."),
+    )
+
+
+def _quant(q: dict, w: str) -> QuantSpec:
+    fmt = _get(q, "format", str, w)
+    if fmt not in QUANT_FORMATS:
+        raise _fail(f"'{w}format' must be one of {', '.join(QUANT_FORMATS)}, got {_show(fmt)}")
+    bits = _int(q, "bits", w, 2, 8)
+    if bits not in (4, 8):
+        raise _fail(f"'{w}bits' must be 4 or 8, got {bits}")
+    excluded = _get(q, "excluded", list, w, [])
+    if len(excluded) > 1 << 16 or not all(isinstance(n, str) for n in excluded):
+        raise _fail(f"'{w}excluded' must be a list of node names")
+    return QuantSpec(
+        bits=bits, block_size=_int(q, "block_size", w, 16, 1 << 16), symmetric=_get(q, "symmetric", bool, w),
+        algorithm=_get(q, "algorithm", str, w), format=fmt, nodes=_int(q, "nodes", w, 0, 1 << 24),
+        accuracy_level=_opt_int(q, "accuracy_level", w, 0, 4), excluded=tuple(excluded),
     )
 
 
