@@ -260,7 +260,8 @@ def main(argv=None) -> int:
         check_sizes(cfg, n_vision)
         log.info("%s (%s): K=%d, pivots %d+%d, keep ratio %g: %s; %s, opset %d, max seq %d, context %d -> %s",
                  cfg.model, family.name, cfg.dart.layer, cfg.dart.pivots_image, cfg.dart.pivots_text,
-                 cfg.dart.keep_ratio, cfg.dart.describe(n_vision, 40), cfg.dtype, cfg.opset, cfg.max_seq,
+                 cfg.dart.keep_ratio, cfg.dart.describe(n_vision, 40) + ("" if family.fixed_resolution else
+                 " for a typical image (the count varies with the image's size)"), cfg.dtype, cfg.opset, cfg.max_seq,
                  cfg.max_context, cfg.out)
         if cfg.dry_run:
             return 0
