@@ -7,7 +7,16 @@ A static check: model-local functions are inlined first (the parser imports them
 too), then every node is held against the published operator matrix and the few restrictions that
 decide whether TensorRT 10.3 parses and builds the graph. "error": the parser rejects the node or
 the engine build fails. "warning": it builds, with a restriction or a caveat worth knowing.
-It reads graph structure only (onnx.load(..., load_external_data=False)), never the weights.
+It reads graph structure only (onnx.load(..., load_external_data=False)), never the external weights;
+of the tensors stored inline it reads constants and Q/DQ scales and zero points (their sign, zeros).
+
+Quantized graphs: INT4 weight-only DequantizeLinear (symmetric, blocked 64 or 128 along one dim of
+2-D weights, positive FLOAT/FLOAT16/BFLOAT16 scales) -> MatMul/Gemm passes, with opset 21 (which it
+needs) as a warning; INT8 per-channel weights pass, with a warning when only the weights are quantized.
+Rejected, one line per node: com.microsoft MatMulNBits/GatherBlockQuantized and other ONNX Runtime
+quantized kernels, uint4/uint8 or non-zero zero points, other block sizes, blocked INT8, INT4
+activations, scales <= 0 (ONNX Runtime's symmetric RTN writes negative ones), int4/block_size below
+opset 21.
 
 Sources (the rules below cite them by letter):
 [M] onnx-tensorrt operator support matrix, docs/operators.md: release/10.3,
@@ -29,6 +38,40 @@ Sources (the rules below cite them by letter):
     (shape input tensors: host values, min/opt/max in the profile), TensorRT 10.3 developer guide
     (dynamic shapes, data-dependent shapes, loops and conditionals),
     https://docs.nvidia.com/deeplearning/tensorrt/archives/tensorrt-1030/developer-guide/index.html
+Quantized graphs (Q/DQ weights, ONNX Runtime's quantizer outputs) are held against:
+[H] TensorRT 10.3's own API docs, include/NvInfer.h at NVIDIA/TensorRT tag v10.3.0,
+    https://github.com/NVIDIA/TensorRT/blob/v10.3.0/include/NvInfer.h (IQuantizeLayer, IDequantizeLayer):
+    "a 2-D tensor for block quantization (supported for DataType::kINT4 only)"; "Block dequantization
+    is supported only for 2-D input tensors with DataType::kINT4 that are rooted at an IConstantLayer
+    (i.e. weights)"; "Per-channel dequantization is supported only for input that is rooted at an
+    IConstantLayer (i.e. weights). Activations cannot be quantized per-channel."; "zeroPt must only
+    contain zero-valued coefficients, because only symmetric quantization is supported"; "The subgraph
+    which terminates with the scale tensor must be a build-time constant."; "IDequantizeLayer supports
+    DataType::kINT8, DataType::kFP8 or DataType::kINT4 precision".
+[Q] TensorRT "Working with Quantized Types" docs: Quantization Schemes,
+    https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/quantized-types-schemes.html:
+    "INT4 quantization requires per-block scales. The supported block sizes are {64, 128}. The block
+    dimension should be one of the last two dimensions." and "s is the block's quantization scale
+    expressed using a 16-bit or 32-bit floating point"; 10.11 page .../10.11.0/inference-library/
+    work-quantized-types.html: "TensorRT quantizes activations and weights for INT8, FP8, and FP4.
+    Weight-only quantization is supported for INT4."
+[MQ] operators.md rows, 10.0 table (release 10.1-GA): "DequantizeLinear | Y | INT8, FP8, INT4 |
+    `x_zero_point` must be zero" (10.15 adds FP4); QuantizeLinear: "`y_zero_point` must be 0";
+    MatMulInteger, QLinearMatMul, QLinearConv, ConvInteger, DynamicQuantizeLinear: N; data types
+    "DOUBLE, FLOAT32, FLOAT16, BFLOAT16, INT32, INT64, FP8, INT8, INT4, UINT8, and BOOL" (no UINT4).
+    [C] 10.0 EA: "Added support for `INT4` quantization".
+[PQ] the parser's QuantDequantLinearHelper (onnxOpImporters.cpp, onnx-tensorrt 10.1-GA; the 10.2 and
+    10.3 changelogs list no Q/DQ change): rejects UINT8 data ("notInvalidType(inputs.at(0), {"UINT8"}, node, nodeIdx)"),
+    "TensorRT only supports symmetric quantization. The zero point for the QuantizeLinear/
+    DequantizeLinear operator must be all zeros.", "Scale coefficients must all be positive",
+    "Only a single blocking dimension is allowed.", "Invalid rank for the scale tensor", "Quantization
+    to INT4 is not supported for tensors with an odd last dimension."; it never reads block_size: the
+    block size is inferred from the input and scale shapes. ModelImporter.cpp parseNode picks the
+    importer by op_type alone, so a com.microsoft DequantizeLinear is imported as the standard one and
+    com.microsoft MatMulNBits falls through to the plugin importer (no such plugin exists).
+[O] ONNX DequantizeLinear-21 / QuantizeLinear-21 add int4/uint4 and the block_size attribute
+    (onnx/defs/quantization, opset 21); ONNX Runtime's MatMulNBitsQuantizer in QDQ format therefore
+    raises the model to opset 21 ("Force to update it to opset 21").
 """
 
 from __future__ import annotations
@@ -42,9 +85,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, inliner, numpy_helper
 
+from export.check_trt_quant import (  # noqa: F401  (TRT_VERSION, ORT_QUANT_OPS: part of this module's API)
+    INTEGER_QUANT_OPS, ORT_QUANT_OPS, QDQ_OPS, QUANT_OPSET, TRT_VERSION, _check_qdq, _Index, _needs_quant_opset,
+)
 from export.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Parser, dataclass_defaults, report
 
-TRT_VERSION = "10.3"
 # [M] "supports operators in the inclusive range of opset 9 to opset 20". The parser itself only
 # logs below opset 7 and never refuses a newer opset; outside 9..20 nothing is guaranteed.
 MIN_OPSET, MAX_OPSET = 9, 20
@@ -100,7 +145,6 @@ SHAPE_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShap
                   "Pad": (1,), "Split": (1,), "Resize": (3,)}
 SHAPE_BARRIERS = {"Shape", "Size", "Constant"}
 MERGE_ABOVE = 8  # more int64 graph I/O tensors than this: one merged finding per graph
-
 
 @dataclass(frozen=True)
 class Finding:
@@ -164,12 +208,18 @@ def _walk(graph: onnx.GraphProto, consts: dict):
                 yield from _walk(sub, consts)
 
 
-def _check_node(node, index, consts, opset, graph_name) -> list[Finding]:
+def _check_node(node, index, consts, opset, graph_name, info: _Index) -> list[Finding]:
     op, name = node.op_type, _node_name(node, index)
 
     def f(severity, rule, message):
         return Finding(graph_name, name, op, severity, rule, message)
 
+    if node.domain == "com.microsoft" and op in ORT_QUANT_OPS:  # [PQ] no importer, no plugin
+        what, fix = ORT_QUANT_OPS[op]
+        return [f("error", "ort-contrib-op", f"com.microsoft.{op} ({what}) has no TensorRT importer or plugin; "
+                                             f"{fix}")]
+    if node.domain not in ("", "ai.onnx") and op in QDQ_OPS:  # [PQ] imported as the standard op
+        return _check_qdq(node, None, info, f)
     if node.domain not in ("", "ai.onnx"):
         # [P] no builtin importer and no local function left after inlining: FallbackPluginImporter.
         if op in KNOWN_TRT_PLUGINS:
@@ -178,9 +228,15 @@ def _check_node(node, index, consts, opset, graph_name) -> list[Finding]:
         return [f("error", "plugin", f"custom op {node.domain}::{op} has no model-local function: TensorRT's "
                                      f"parser looks for a plugin creator named '{op}'; register one (or give the "
                                      "op a function body of standard ONNX ops)")]
+    if op in INTEGER_QUANT_OPS:  # [MQ]
+        return [f("error", "unsupported-op", f"{op} is not supported by TensorRT {TRT_VERSION}'s ONNX parser "
+                                             "(integer-arithmetic quantization); quantize with QuantizeLinear/"
+                                             "DequantizeLinear (QDQ) instead")]
     if op not in SUPPORTED_OPS:
         return [f("error", "unsupported-op", f"{op} is not supported by TensorRT {TRT_VERSION}'s ONNX parser "
                                              "(operator matrix); rewrite it with supported ops or as a plugin")]
+    if op in QDQ_OPS:
+        return _check_qdq(node, opset, info, f)
     out = []
     if op == "TopK":  # [M] [P] [L]
         k_name = node.input[1] if opset >= 10 and len(node.input) > 1 else None
@@ -262,25 +318,40 @@ def _shape_inputs(graph: onnx.GraphProto, graph_name: str) -> list[Finding]:
     return out
 
 
+
 def inline(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every model-local function inlined (recursively), as TensorRT imports it."""
-    return inliner.inline_local_functions(model) if model.functions else model
+    """The model with every model-local function inlined (recursively), as TensorRT imports it.
+    convert_version: without it onnx leaves a call in place when the function's opset differs from the
+    model's, as after ONNX Runtime's QDQ quantizer raises the model (not its functions) to opset 21."""
+    return inliner.inline_local_functions(model, convert_version=True) if model.functions else model
 
 
 def check_model(model: onnx.ModelProto, graph_name: str) -> list[Finding]:
     """All findings for one model (inlined first), graph-level ones first."""
     opset = _default_opset(model)
-    out = []
-    if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:  # [M]
-        out.append(Finding(graph_name, "<graph>", "", "error", "opset",
-                           f"default-domain opset {opset} is outside TensorRT {TRT_VERSION}'s supported range "
-                           f"{MIN_OPSET}..{MAX_OPSET}; re-export with an opset in that range"))
     model = inline(model)
+    info = _Index(model.graph)
+    out = _opset(opset, model.graph, info, graph_name)
     out += _int64_io(model.graph, graph_name)
     out += _shape_inputs(model.graph, graph_name)
     for node, i, consts in _walk(model.graph, {}):
-        out += _check_node(node, i, consts, opset or MAX_OPSET, graph_name)
+        out += _check_node(node, i, consts, opset or MAX_OPSET, graph_name, info)
     return out
+
+
+def _opset(opset, graph: onnx.GraphProto, info: _Index, graph_name: str) -> list[Finding]:
+    """[M] opsets 9..20; opset 21 too when the graph needs it for INT4/blocked Q/DQ ([O] [C] [PQ]: the
+    10.3 parser imports INT4 Q/DQ and only warns below opset 7, it never refuses a newer opset)."""
+    if opset is not None and MIN_OPSET <= opset <= MAX_OPSET:
+        return []
+    if opset == QUANT_OPSET and any(_needs_quant_opset(n, info) for n, _, _ in _walk(graph, {})):
+        return [Finding(graph_name, "<graph>", "", "warning", "opset",
+                        f"default-domain opset {opset} is above the operator matrix's {MIN_OPSET}..{MAX_OPSET}; "
+                        f"INT4/blocked DequantizeLinear needs it and TensorRT {TRT_VERSION}'s parser accepts it (it "
+                        "refuses no newer opset): confirm with an engine build on the device")]
+    return [Finding(graph_name, "<graph>", "", "error", "opset",
+                    f"default-domain opset {opset} is outside TensorRT {TRT_VERSION}'s supported range "
+                    f"{MIN_OPSET}..{MAX_OPSET}; re-export with an opset in that range")]
 
 
 def count_nodes(model: onnx.ModelProto) -> int:
