@@ -32,6 +32,8 @@ EPILOG = """examples:
 
 # Opsets an export may target: DartPrune's body needs 17; TensorRT 10.3's ONNX parser reads up to 20.
 OPSETS = (17, 20)
+QUANTIZE = {"none": None, "int8": 8, "int4": 4}  # --quantize -> weight bits
+FLOAT_DIR = "float"  # --quantize: the float export, inside the staging directory, removed before publishing
 
 
 class BuildError(RuntimeError):
@@ -53,6 +55,7 @@ class BuildConfig:
     verbose: bool = False
     target: str = "onnx"  # "trt": also build TensorRT engines here (python -m export.trt)
     max_pixels: int | None = None  # dynamic-resolution families: cap on an image's resized area
+    quantize: str = "none"  # "int8" / "int4": weight-only quantization after export (export/quantize.py, ort)
 
 
 def parse_args(argv=None) -> BuildConfig:
@@ -83,8 +86,11 @@ def parse_args(argv=None) -> BuildConfig:
     o.add_argument("--target", choices=["onnx", "trt"], default=d["target"],
                    help="onnx: the ONNX graphs; trt: also build TensorRT engines on this machine "
                         "(same as python -m export.trt --engine-dir OUT afterwards; needs TensorRT)")
+    o.add_argument("--quantize", choices=list(QUANTIZE), default=d["quantize"],
+                   help="quantize the decoder's linear layers after export (ONNX Runtime MatMulNBits, the "
+                        "defaults of python -m export.quantize; validated against the float export)")
     o.add_argument("--no-validate", dest="validate", action="store_false", default=d["validate"],
-                   help="skip the comparison with eager PyTorch")
+                   help="skip the comparison with eager PyTorch (and the quantized engine's with the float)")
     o.add_argument("--dry-run", action="store_true", default=d["dry_run"],
                    help="print the resolved configuration and exit")
     o.add_argument("-v", "--verbose", action="store_true", default=d["verbose"],
@@ -103,9 +109,12 @@ def parse_args(argv=None) -> BuildConfig:
             p.error(f"{flag} must be >= 1, got {value}")
     if a.max_seq > a.max_context:
         p.error(f"--max-seq {a.max_seq} exceeds --max-context {a.max_context}")
+    if a.quantize != "none" and a.target == "trt":
+        p.error("--quantize writes ONNX Runtime's MatMulNBits, which TensorRT does not parse; for TensorRT "
+                "export first, then: python -m export.quantize --target trt --engine-dir OUT --out OUT-int4")
     out = a.out if a.out is not None else Path("engines") / Path(a.model.rstrip("/")).name
     return BuildConfig(a.model, out, dart, a.dtype, a.opset, a.max_seq, a.max_context, a.max_batch,
-                       a.validate, a.dry_run, a.verbose, a.target, a.max_pixels)
+                       a.validate, a.dry_run, a.verbose, a.target, a.max_pixels, a.quantize)
 
 
 def check_sizes(cfg: BuildConfig, n_vision: int) -> None:
@@ -138,8 +147,10 @@ def build(cfg: BuildConfig) -> Manifest | None:
     dtype = torch.float16 if cfg.dtype == "fp16" else torch.float32
     t_start = time.perf_counter()
     with Staging(cfg.out) as staging:
-        tmp = staging.tmp
-        steps = tqdm(total=6, desc="export", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
+        tmp = staging.tmp if QUANTIZE[cfg.quantize] is None else staging.tmp / FLOAT_DIR
+        tmp.mkdir(exist_ok=True)
+        steps = tqdm(total=6 + (QUANTIZE[cfg.quantize] is not None), desc="export", unit="step",
+                     file=sys.stderr, disable=not sys.stderr.isatty())
         steps.set_postfix_str("loading model")
         loaded = family.load(cfg.model, dtype)
         family.apply_limits(loaded, cfg)
@@ -183,6 +194,10 @@ def build(cfg: BuildConfig) -> Manifest | None:
         steps.update()
         result = _write_manifest(cfg, loaded, tmp, files, checkpoint, decls, dims, axes, sizes["max_span"])
         steps.update()
+        if QUANTIZE[cfg.quantize] is not None:
+            steps.set_postfix_str(f"quantizing ({cfg.quantize})")
+            result = _quantize(cfg, tmp, staging.tmp)
+            steps.update()
         steps.close()
         staging.publish()
     log.info("export: %s done in %.1f s -> %s", cfg.model, time.perf_counter() - t_start, staging.out)
@@ -220,6 +235,20 @@ def _write_manifest(cfg: BuildConfig, loaded, tmp: Path, files: list[str], check
     return writer.write(m)
 
 
+def _quantize(cfg: BuildConfig, float_dir: Path, out: Path) -> Manifest:
+    """Quantize the float export in `float_dir` (inside the staging directory) into `out` (the staging
+    directory itself) with python -m export.quantize's defaults, then remove the float export."""
+    import shutil
+
+    from export.quantize import QuantizeConfig, quantize_into
+
+    qcfg = QuantizeConfig(engine_dir=float_dir, out=out, bits=QUANTIZE[cfg.quantize], validate=cfg.validate,
+                          verbose=cfg.verbose)
+    result = quantize_into(float_dir, out, qcfg, link=True, progress=False)
+    shutil.rmtree(float_dir)
+    return result
+
+
 def _dtype_name(dtype: str) -> str:
     """--dtype (fp32, fp16) -> the manifest's numpy-style name."""
     return "float16" if dtype == "fp16" else "float32"
@@ -249,7 +278,8 @@ def main(argv=None) -> int:
     if not cfg.verbose:
         # Hugging Face's own bars (loading/saving weights) would interleave with ours.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx"):
+        # runtime: its load / generate lines when --quantize checks the quantized engine
+        for noisy in ("torch", "onnxscript", "onnx_ir", "transformers", "httpx", "runtime"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     from export import families
 
@@ -277,7 +307,8 @@ def main(argv=None) -> int:
     except families.UnknownModel as e:
         return report(e, False, "", EXIT_USAGE)
     except (Exception, KeyboardInterrupt) as e:  # one line for the user, the traceback with -v
-        kinds = {"BuildError": "build", "TrtBuildError": "trt", "OutDirError": "out"}
+        kinds = {"BuildError": "build", "TrtBuildError": "trt", "OutDirError": "out",
+                 "QuantizeError": "quantize"}
         return report(e, cfg.verbose, kinds.get(type(e).__name__))
     return 0
 

@@ -223,7 +223,7 @@ def _scale_sign_error(node, info) -> tuple[str, str] | None:
         return None
     return "quant-scale", (f"{bad} of {values.size} scales are <= 0 (ONNX Runtime's symmetric RTN maps each block's "
                            "signed extreme to -8, so it writes negative scales): TensorRT needs every scale > 0; "
-                           "quantize with positive scales (amax / 7)")
+                           "quantize with python -m export.quantize --target trt (positive scales)")
 
 
 def _qdq_warning(node, qtype, weights, info) -> tuple[str, str] | None:

@@ -58,7 +58,7 @@ class TensorSpec:
         return fields_json(self, skip=() if self.values else ("values",))
 
 
-QUANT_FORMATS = ("MatMulNBits", "QDQ")  # com.microsoft.MatMulNBits (ONNX Runtime); DequantizeLinear -> MatMul
+QUANT_FORMATS = ("MatMulNBits", "GatherBlockQuantized", "QDQ")  # com.microsoft ops (ONNX Runtime); DQ -> MatMul
 
 
 @dataclass(frozen=True)

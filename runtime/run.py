@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="intra-op threads per stage (default: ONNX Runtime's)")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", default=d["json"],
-                     help="print one JSON object (token_ids, text, kept_positions, timings, keep_ratio, keep_tokens)")
+                     help="print one JSON object (token_ids, text, kept_positions, timings, keep_ratio, "
+                          "keep_tokens, precision: each stage's weight precision)")
     out.add_argument("-v", "--verbose", action="store_true", default=d["verbose"],
                      help="log progress; tracebacks on errors")
     return p
@@ -145,17 +146,28 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     )
 
 
-def summary(out) -> str:
-    """One line: what was kept and how fast, e.g.
-    kept 102 of 622 prompt tokens (68 of 576 vision tokens) | vision 12.3 ms, prefill 45.6 ms, decode 12.1 tok/s"""
+def stage_precision(manifest) -> dict[str, str]:
+    """{stage: weight precision}: "int4" / "int8" for a quantized stage (python -m export.quantize),
+    else the engine's dtype ("float32", "float16"); runtime.manifest.StageSpec.precision."""
+    return {name: spec.precision(manifest.dtype) for name, spec in manifest.stages.items()}
+
+
+def summary(out, precision: dict[str, str] | None = None) -> str:
+    """One line: what was kept, how fast, and (given `precision`) each stage's weight precision, e.g.
+    kept 102 of 622 prompt tokens (68 of 576 vision tokens) | vision 12.3 ms, prefill 45.6 ms,
+    decode 12.1 tok/s | vision_encoder float32, embed_tokens float32, decoder int4 (one line)"""
     t = out.timings
-    return (f"kept {t['kept_tokens']} of {t['prompt_tokens']} prompt tokens ({t['kept_vision_tokens']} of "
+    line = (f"kept {t['kept_tokens']} of {t['prompt_tokens']} prompt tokens ({t['kept_vision_tokens']} of "
             f"{t['vision_tokens']} vision tokens) | vision {t['vision_ms']:.1f} ms, prefill "
             f"{t['prefill_ms']:.1f} ms, decode {t['tokens_per_s']:.1f} tok/s")
+    if precision:
+        line += " | " + ", ".join(f"{stage} {p}" for stage, p in precision.items())
+    return line
 
 
 def run(config: RunConfig):
-    """Load the engine and answer; streams text to stdout unless config.json."""
+    """Load the engine and answer; streams text to stdout unless config.json. Returns the
+    GenerateOutput and the stages' weight precision (stage_precision)."""
     import runtime
 
     pipe = runtime.load(config.engine_dir, providers=[config.provider], threads=config.threads)
@@ -164,22 +176,23 @@ def run(config: RunConfig):
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    return pipe.generate(
+    out = pipe.generate(
         config.prompt, image=config.image, keep_ratio=config.ratio, keep_tokens=config.keep_tokens,
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature, top_p=config.top_p, seed=config.seed,
         stream=None if config.json else write,
     )
+    return out, stage_precision(pipe.manifest)
 
 
-def print_result(config: RunConfig, out) -> None:
+def print_result(config: RunConfig, out, precision: dict[str, str] | None = None) -> None:
     if config.json:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "kept_positions": out.kept_positions,
                           "timings": out.timings, "keep_ratio": out.keep_ratio,
-                          "keep_tokens": config.keep_tokens}))
+                          "keep_tokens": config.keep_tokens, "precision": precision}))
     else:
         print()
-        print(summary(out), file=sys.stderr)
+        print(summary(out, precision), file=sys.stderr)
     sys.stdout.flush()  # a closed pipe fails here, inside main's handler, not at interpreter exit
 
 
@@ -196,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if config.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(name)s: %(message)s")
     try:
-        print_result(config, run(config))
+        print_result(config, *run(config))
     except (EngineError, InputError) as exc:
         return fail(str(exc) or type(exc).__name__, config.verbose)
     except KeyboardInterrupt:

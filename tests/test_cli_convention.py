@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from dart_ops.spec import DartConfig
-from export import build, check_trt, trt
+from export import build, check_trt, quantize, trt
 from bench.config import BenchConfig
 from runtime import cli, run
 
@@ -36,15 +36,16 @@ bench = _load_bench()
 
 PROGS = {"build": "python -m export.build", "trt": "python -m export.trt",
          "check_trt": "python -m export.check_trt", "run": "python -m runtime.run",
-         "bench": "python scripts/bench.py"}
+         "bench": "python scripts/bench.py", "quantize": "python -m export.quantize"}
 MAINS = {"build": build.main, "trt": trt.main, "check_trt": check_trt.main, "run": run.main,
-         "bench": bench.main}
+         "bench": bench.main, "quantize": quantize.main}
 COMMANDS = {  # with the required options
     "build": ["-m", "export.build", "--model", "llava-tiny"],
     "trt": ["-m", "export.trt", "--engine-dir", "e"],
     "check_trt": ["-m", "export.check_trt"],
     "run": ["-m", "runtime.run", "--engine-dir", "e", "--prompt", "hi"],
     "bench": [str(ROOT / "scripts" / "bench.py")],
+    "quantize": ["-m", "export.quantize", "--engine-dir", "e", "--out", "o", "--bits", "4"],
 }
 
 
