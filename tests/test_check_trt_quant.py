@@ -217,7 +217,7 @@ def test_negative_scales_are_an_error():
     assert _lines(m) == [OPSET_21, _dq("quant-scale", "128 of 128 scales are <= 0 (ONNX Runtime's symmetric RTN "
                                                       "maps each block's signed extreme to -8, so it writes negative "
                                                       "scales): TensorRT needs every scale > 0; quantize with "
-                                                      "positive scales (amax / 7)")]
+                                                      "python -m export.quantize --target trt (positive scales)")]
 
 
 def test_int4_activation_quantization_is_an_error():
