@@ -35,6 +35,9 @@ class BenchConfig:
     ort_spin: bool = False  # ORT's idle threads spin (runtime.load(spin=True))
     prompt: str = DEFAULT_PROMPT
     image: Path = DEFAULT_IMAGE
+    # (W, H) the image is resized to first (untimed); None: the family's default (bench.families:
+    # qwen2_vl 1092x728 for ~1000 vision tokens, llava as given); bench.families.NATIVE: as given.
+    image_size: tuple[int, int] | None = None
     profile: bool = True  # DartPrune's share of ORT prefill (ORT profiler), per pruned ratio
     kv_binding: bool = True  # engine rows: KV stays with the decoder between decode steps (runtime.load)
     kv_binding_ab: bool = False  # also time decode with and without kv_binding, interleaved (kv_binding_ab)
@@ -71,3 +74,4 @@ class Row:
     dart_prune_decoder_share: float | None = None
     dart_prune_ms: float | None = None
     dart_prune_share: float | None = None
+    token_ids: list[int] = field(default_factory=list)  # the new tokens of the last timed run

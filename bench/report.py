@@ -32,9 +32,33 @@ def targets(rows: list) -> list[dict]:
     return out
 
 
+def side_by_side(rows: list, a: str = "eager-dart", b: str = "ort") -> list[dict]:
+    """Per keep ratio both runtimes ran: their prefill ms, a / b, and each one's speed-up next to the
+    FLOP limit (the same for both: one prompt, one image)."""
+    left = {r.keep_ratio: r for r in rows if r.runtime == a}
+    right = {r.keep_ratio: r for r in rows if r.runtime == b}
+    return [{"keep_ratio": k, f"{a}_prefill_ms": left[k].prefill_ms, f"{b}_prefill_ms": right[k].prefill_ms,
+             "ratio": left[k].prefill_ms / right[k].prefill_ms, f"{a}_speedup": left[k].prefill_speedup,
+             f"{b}_speedup": right[k].prefill_speedup, "flop_limit_speedup": right[k].flop_limit_speedup}
+            for k in sorted(set(left) & set(right), reverse=True)]
+
+
 def to_json(rows: list, meta: dict) -> dict:
     return {"schema": SCHEMA, "meta": meta, "rows": [asdict(r) for r in rows],
-            "targets": targets(rows)}
+            "ort_vs_eager_dart": side_by_side(rows), "targets": targets(rows)}
+
+
+def _side_by_side_lines(pairs: list[dict]) -> list[str]:
+    if not pairs:
+        return []
+    head = ["keep", "eager-dart ms", "ort ms", "eager-dart / ort", "eager-dart speed-up", "ort speed-up",
+            "FLOP limit"]
+    cells = [head] + [[f"{p['keep_ratio']:g}", f"{p['eager-dart_prefill_ms']:.1f}", f"{p['ort_prefill_ms']:.1f}",
+                       f"{p['ratio']:.2f}x", f"{p['eager-dart_speedup']:.2f}x", f"{p['ort_speedup']:.2f}x",
+                       f"{p['flop_limit_speedup']:.2f}x"] for p in pairs]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    return ["", "ort vs eager-dart, same keep ratio (time to first token):"] + [
+        "  ".join(x.rjust(w) for x, w in zip(c, widths)) for c in cells]
 
 
 def _row_cells(r) -> list[str]:
@@ -55,6 +79,12 @@ HEADER = ["runtime", "keep", "tokens", "vision", "vision ms", "prefill ms", "(mi
           "FLOP limit", "of limit", "GFLOP/s", "decode tok/s", "e2e ms", "KV MiB", "peak RSS MiB", "GPU MiB", "DartPrune"]
 
 
+def _image(meta: dict) -> str:
+    """", image W x H px = gh x gw patches" for families whose token count depends on the image."""
+    grid = meta.get("grid")
+    return f"; image {meta['image_size'][0]}x{meta['image_size'][1]} px = {grid[0]}x{grid[1]} patches" if grid else ""
+
+
 def format_table(rows, meta: dict, targets: list[dict]) -> str:
     """A fixed-width table of the rows, the conditions above it and the targets below it."""
     cells = [HEADER] + [_row_cells(r) for r in rows]
@@ -63,7 +93,7 @@ def format_table(rows, meta: dict, targets: list[dict]) -> str:
     v = meta["versions"]
     lines = [
         (f"model {meta['model']} ({meta['dtype']}), prompt {meta['prompt_tokens']} tokens "
-        f"({meta['vision_tokens']} vision), {meta['new_tokens']} new tokens, "
+        f"({meta['vision_tokens']} vision{_image(meta)}), {meta['new_tokens']} new tokens, "
         f"{meta['warmup']} warm-up + {meta['repeats']} timed runs per row (median, min-max)"),
         f"{meta['cpu']}, {meta['threads']} threads; " + ", ".join(f"{k} {x}" for k, x in v.items())
         + (f"; GPU {meta['gpu']}" if meta.get("gpu") else ""),
@@ -75,6 +105,7 @@ def format_table(rows, meta: dict, targets: list[dict]) -> str:
         fmt(HEADER),
         fmt(["-" * w for w in widths]),
         *[fmt(c) for c in cells[1:]],
+        *_side_by_side_lines(side_by_side(rows)),
     ]
     if targets:
         lines.append("")

@@ -1,12 +1,15 @@
 """Engine vs eager latency, side by side in one process: the measurements behind scripts/bench.py.
 
-Rows: one per (runtime, keep ratio), each run on the same prompt ids and pixel values, generating
-exactly N tokens; the runtimes are bench.runners.RUNNERS (eager-hf, eager-dart, ort, trt).
+Rows: one per (runtime, keep ratio), each run on the same prompt ids and the same image (its pixel
+values preprocessed once; the engine's own preprocessing checked equal to them), generating exactly
+N tokens; the runtimes are bench.runners.RUNNERS (eager-hf, eager-dart, ort, trt). What differs per
+model family (the inputs, Qwen's grid and M-RoPE positions, the FLOP shape bound to the image) is
+bench.families.FAMILIES[manifest family].
 
 Figures per row (median over `repeats` runs after `warmup` runs, with min and max):
     vision_ms    vision tower + projector
-    prefill_ms   time to first token from tokenised ids and preprocessed pixels (vision + embed
-                 + decoder prefill + choosing the token)
+    prefill_ms   time to first token from tokenised ids and preprocessed pixels (eager: to the
+                 first token chosen; engine: vision + embed + decoder prefill)
     decode_tok_s new tokens after the first per second
     e2e_ms       whole call for N new tokens
     kv_bytes     KV cache after prefill; peak_rss_bytes / rss_delta_bytes: process peak RSS during
@@ -26,12 +29,11 @@ import logging
 import statistics
 from dataclasses import asdict
 
-import numpy as np
-
 from bench.config import TIMING_FIGURES, BenchConfig, Row
+from bench.families import Inputs, for_family, load_image
 from bench.probes import BenchError, PeakRSS, environment, gpu_peak, matmul_rate
 from bench.runners import RUNNERS, Context, EngineRunner, Run, Runner
-from bench.source import Source, ensure_engine, load_eager, make_source, prompt_ids
+from bench.source import Source, ensure_engine, load_eager, make_inputs, make_source
 from dart_ops import flops
 from export import families
 
@@ -95,11 +97,11 @@ def _runner(rt: str, ctx: Context, runners: dict[str, Runner], rest: list[tuple[
     return runners[rt]
 
 
-def _row(cfg: BenchConfig, rt: str, ratio: float, runner: Runner, ids: list[int], pixels: np.ndarray,
-         src: Source, shape, span: tuple[int, int], progress) -> tuple[Row, bool]:
-    """Warm-up + timed runs of one (runtime, ratio), summarised, with the FLOP model's figures;
-    and whether its peak RSS is the row's own (PeakRSS.resettable)."""
-    kind, S, (a, L) = RUNNERS[rt], len(ids), span
+def _row(cfg: BenchConfig, rt: str, ratio: float, runner: Runner, inputs: Inputs, src: Source, shape,
+         progress) -> tuple[Row, bool]:
+    """Warm-up + timed runs of one (runtime, ratio), summarised, with the FLOP model's figures
+    (`shape`: bound to the image); and whether its peak RSS is the row's own (PeakRSS.resettable)."""
+    kind, S, (a, L) = RUNNERS[rt], len(inputs.ids), inputs.span
     dart = src.dart.with_ratio(ratio)
     counts = dart.counts(L, S - a - L)
     runs = []
@@ -108,7 +110,7 @@ def _row(cfg: BenchConfig, rt: str, ratio: float, runner: Runner, ids: list[int]
         if gpu:
             gpu.reset()
         for k in range(cfg.warmup + cfg.repeats):
-            result = runner.run(ids, pixels, ratio, cfg.new_tokens)
+            result = runner.run(inputs, ratio, cfg.new_tokens)
             if k >= cfg.warmup:
                 runs.append(result)
             if progress:
@@ -120,7 +122,7 @@ def _row(cfg: BenchConfig, rt: str, ratio: float, runner: Runner, ids: list[int]
         kept_tokens=last.kept_tokens, kept_vision_tokens=counts.kept_vision if kind.prunes else L,
         new_tokens=last.new_tokens, runs=len(runs), **med, kv_bytes=last.kv_bytes, peak_rss_bytes=mem.peak,
         rss_delta_bytes=max(0, mem.peak - mem.start), peak_gpu_bytes=gpu.peak() if gpu else None,
-        spread=spread, flop_limit_speedup=flops.speedup_limit(shape, S, a, L, dart),
+        spread=spread, flop_limit_speedup=flops.speedup_limit(shape, S, a, L, dart), token_ids=last.token_ids,
     )
     kept = counts.kept_len(S) if kind.prunes else S
     pivots = counts.pivots_image + counts.pivots_text
@@ -128,7 +130,7 @@ def _row(cfg: BenchConfig, rt: str, ratio: float, runner: Runner, ids: list[int]
     if kind.profiles and cfg.profile and counts.prune:
         # The profiler gives DartPrune's fraction of the decoder's node time (profiling slows
         # small nodes most, so this overstates it); scaled by the unprofiled decoder time.
-        _, feeds = runner.run(ids, pixels, ratio, 1, record=True)
+        _, feeds = runner.run(inputs, ratio, 1, record=True)
         _, row.dart_prune_decoder_share = runner.profile_dart(feeds, cfg.repeats)
         decoder_ms = statistics.median(r.decoder_ms for r in runs)
         row.dart_prune_ms = row.dart_prune_decoder_share * decoder_ms
@@ -155,20 +157,16 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
         eager_model, loaded = load_eager(cfg.model, engine_dir, cfg.device, cfg.dtype)
     src = make_source(cfg, engine_dir, eager_model, loaded)
     family = families.resolve(cfg.model)
-    shape = family.flop_shape(src.config)
-    ids = prompt_ids(src, cfg.prompt)
-    from runtime.preprocess import preprocess
-    from runtime.prompt import find_span
-
-    pixels = preprocess(cfg.image, src.preprocess)  # (1, 3, H, W) float32
-    S = len(ids)
-    a, L = find_span(ids, src.tokens.image_token_id)
+    inputs = make_inputs(src, cfg)  # the same ids and image for every row (untimed)
+    shape = for_family(src.family).flop_shape(family.flop_shape(src.config), inputs)  # bound to the image
+    S, (a, L) = len(inputs.ids), inputs.span
     if uses_engine:
         _check_context(engine_dir, S, cfg.new_tokens)
-    log.info("bench: %s, S=%d tokens (%d vision at %d), %d new tokens, %d threads, %d+%d runs per row",
-             cfg.model, S, L, a, cfg.new_tokens, cfg.threads, cfg.warmup, cfg.repeats)
+    log.info("bench: %s, S=%d tokens (%d vision at %d; image %dx%d%s), %d new tokens, %d threads, %d+%d runs per "
+             "row", cfg.model, S, L, a, *inputs.image.size, f", grid {inputs.grid[0]}x{inputs.grid[1]} patches"
+             if inputs.grid else "", cfg.new_tokens, cfg.threads, cfg.warmup, cfg.repeats)
 
-    ctx = Context(cfg, family, src.dart, eager_model, engine_dir)
+    ctx = Context(cfg, family, src.dart, eager_model, engine_dir, for_family(src.family))
     del eager_model, loaded  # ctx.model holds it until the eager rows are done
     runners: dict[str, Runner] = {}
     rows: list[Row] = []
@@ -176,7 +174,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
     order = plan(cfg)
     for i, (rt, ratio) in enumerate(order):
         runner = _runner(rt, ctx, runners, order[i:])
-        row, resettable = _row(cfg, rt, ratio, runner, ids, pixels, src, shape, (a, L), progress)
+        row, resettable = _row(cfg, rt, ratio, runner, inputs, src, shape, progress)
         rows.append(row)
         rss_per_row = rss_per_row and resettable
         log.debug("bench: %s @ %g: prefill %.1f ms", rt, ratio, row.prefill_ms)
@@ -194,7 +192,8 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
             for m in sorted({S, kept_min}, reverse=True)
         ]
     meta.update(model=cfg.model, engine_dir=str(engine_dir) if engine_dir else None, dtype=cfg.dtype,
-                prompt_tokens=S, vision_tokens=L, span_start=a, new_tokens=cfg.new_tokens,
+                prompt_tokens=S, vision_tokens=L, span_start=a, image_size=list(inputs.image.size),
+                grid=list(inputs.grid) if inputs.grid else None, new_tokens=cfg.new_tokens,
                 repeats=cfg.repeats, warmup=cfg.warmup, dart=asdict(src.dart), shape=asdict(shape),
                 flops_full=flops.prefill_flops(shape, S, None, src.dart.layer)["total"],
                 peak_rss_scope="row" if rss_per_row else "process", ort_spin=cfg.ort_spin,
@@ -218,17 +217,15 @@ def kv_binding_ab(cfg: BenchConfig, runner: EngineRunner | None = None, progress
     prompt_tokens, kept_tokens, kv_bytes, decode_tok_s {"bound", "numpy"} medians with
     spread [min, max], speedup (median / median), pair_speedup (median of the per-pair ratios) with
     pair_spread]}."""
-    from runtime.preprocess import preprocess
-
     if runner is None:
         runner = EngineRunner(ensure_engine(cfg), cfg.ort_provider, cfg.threads, cfg.ort_spin)
-    pipe = runner.pipe
-    ids = pipe.prompt.encode(cfg.prompt, with_image=True)
-    pixels = preprocess(cfg.image, pipe.manifest.preprocess)
+    pipe, fam = runner.pipe, runner.family
+    inputs = fam.inputs(pipe.prompt, pipe.manifest.preprocess, load_image(cfg.image, cfg.image_size, fam), cfg.prompt)
+    request = fam.engine_request(inputs)  # generate's ids and image (preprocessing inside generate, untimed there)
     rows = []
     try:
         for ratio in cfg.ratios:
-            rows.append(_ab_ratio(cfg, pipe, ids, pixels, ratio, progress))
+            rows.append(_ab_ratio(cfg, pipe, request, ratio, progress))
     finally:
         pipe.kv_binding = cfg.kv_binding
     result = {"runtime": "trt" if runner.provider == "tensorrt" else "ort", "provider": runner.provider,
@@ -240,15 +237,14 @@ def kv_binding_ab(cfg: BenchConfig, runner: EngineRunner | None = None, progress
     return result
 
 
-def _ab_ratio(cfg: BenchConfig, pipe, ids: list[int], pixels: np.ndarray, ratio: float, progress) -> dict:
+def _ab_ratio(cfg: BenchConfig, pipe, request: dict, ratio: float, progress) -> dict:
     rates: dict[bool, list[float]] = {True: [], False: []}
     pairs, first = [], None
     for k in range(cfg.warmup + cfg.repeats):
         got = {}
         for bound in ((True, False) if k % 2 == 0 else (False, True)):
             pipe.kv_binding = bound
-            out = pipe.generate(input_ids=ids, pixel_values=pixels, keep_ratio=ratio,
-                                max_new_tokens=cfg.new_tokens, ignore_eos=True)
+            out = pipe.generate(**request, keep_ratio=ratio, max_new_tokens=cfg.new_tokens, ignore_eos=True)
             first = first or out
             if out.token_ids != first.token_ids or out.kept_positions != first.kept_positions:
                 raise BenchError(f"keep {ratio:g}: kv_binding={bound} generated other tokens or kept other "

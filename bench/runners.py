@@ -1,25 +1,28 @@
-"""One timed generate call per runtime, behind one protocol: `run(ids, pixels, ratio, n) -> Run`.
+"""One timed generation per runtime, behind one protocol: `run(inputs, ratio, n) -> Run`.
 
     eager-hf     Hugging Face `generate` without pruning (keep ratio 1.0 only)
     eager-dart   the family's eager DART baseline (dart_ops.eager.EagerDart), every keep ratio
-    ort          the exported engine through the torch-free runtime on ONNX Runtime
+    ort          the exported engine through the torch-free runtime on ONNX Runtime (prepare untimed,
+                 prefill + decode_step timed)
     trt          the same runtime on the TensorRT engines of `python -m export.trt`
 
 RUNNERS[name] says how to build each from a Context (the torch model, the engine directory) and
-what it needs; bench.run never branches on a runtime's name."""
+what it needs; bench.run never branches on a runtime's name, and no runner on a family's
+(bench.families holds what differs per family)."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from bench.config import BenchConfig
+from bench.families import BenchFamily, Inputs, for_family
 from bench.probes import BenchError, PrefillKV, TokenClock, VisionClock, dart_share
 from dart_ops.spec import DartConfig
 
@@ -34,14 +37,16 @@ class Run:
     kept_tokens: int
     new_tokens: int
     decoder_ms: float = 0.0  # engine rows: the decoder's prefill call alone
+    token_ids: list[int] = field(default_factory=list)
 
 
 class Runner(Protocol):
     device: str  # the row's device: cpu / cuda[:N] for eager rows, the execution provider for engine rows
 
-    def run(self, ids: list[int], pixels: np.ndarray, ratio: float, n: int) -> Run:
-        """One generate call of exactly `n` new tokens (eos ignored) at keep ratio `ratio`, timed.
-        ids: the templated prompt with the image tokens expanded; pixels: (1, 3, H, W) float32."""
+    def run(self, inputs: Inputs, ratio: float, n: int) -> Run:
+        """One generation of exactly `n` new tokens (eos ignored) at keep ratio `ratio`, timed from
+        the tokenised ids and preprocessed image of `inputs` (bench.families.Inputs: the same for
+        every row of a run)."""
         ...
 
 
@@ -54,6 +59,7 @@ class Context:
     dart: DartConfig  # layer and pivots (the engine's when there is one)
     model: Any = None  # the HF torch model (eval), None once the eager rows are done
     engine_dir: Path | None = None
+    bench_family: BenchFamily | None = None  # bench.families entry of the manifest's family
 
 
 def _decode_rate(first: float, last: float, n: int) -> float:
@@ -65,7 +71,8 @@ def _decode_rate(first: float, last: float, n: int) -> float:
 
 class EagerRunner:
     """A torch model timed with forward hooks: the vision pass (VisionClock), each new token
-    (TokenClock, a HF streamer) and the KV cache after prefill (PrefillKV, through get_decoder)."""
+    (TokenClock, a HF streamer) and the KV cache after prefill (PrefillKV, through get_decoder).
+    The family's extra arguments (bench.families: Qwen's grid, positions) are built before the clock starts."""
 
     name = "eager"
 
@@ -74,38 +81,44 @@ class EagerRunner:
 
         self.torch = torch
         self.model = ctx.model
+        self.family = ctx.bench_family
         self.device = ctx.cfg.device
         self.torch_device = torch.device(ctx.cfg.device)
         self.dtype = torch.float16 if ctx.cfg.dtype == "fp16" else torch.float32
         cuda = self.torch_device.type == "cuda"
         self.sync = (lambda: torch.cuda.synchronize(self.torch_device)) if cuda else (lambda: None)
 
-    def _generate(self, ids, pixels, ratio: float, n: int, clock: TokenClock, kv: PrefillKV):
+    def _kwargs(self, inputs: Inputs, ids) -> dict:
+        """The family's extra arguments of this runner's generate call (untimed)."""
+        raise NotImplementedError
+
+    def _generate(self, ids, pixels, ratio: float, n: int, clock: TokenClock, kv: PrefillKV, kwargs: dict):
         """(new tokens, KV bytes after prefill, tokens kept in the prefill) of one generate call."""
         raise NotImplementedError
 
-    def run(self, ids: list[int], pixels: np.ndarray, ratio: float, n: int) -> Run:
+    def run(self, inputs: Inputs, ratio: float, n: int) -> Run:
         torch = self.torch
-        t_ids = torch.tensor([ids], dtype=torch.long, device=self.torch_device)  # (1, S)
-        t_pix = torch.from_numpy(pixels).to(device=self.torch_device, dtype=self.dtype)  # (1, 3, H, W)
+        t_ids = torch.tensor([inputs.ids], dtype=torch.long, device=self.torch_device)  # (1, S)
+        t_pix = torch.from_numpy(inputs.pixels).to(device=self.torch_device, dtype=self.dtype)  # (1, 3, H, W) | (N, 1176)
         vision = VisionClock(self.model, self.sync)
         clock = TokenClock(self.sync)
         kv = PrefillKV(self.model)
         try:
             with torch.inference_mode():
+                kwargs = self._kwargs(inputs, t_ids)
                 self.sync()
                 t0 = time.perf_counter()
-                n_out, kv_bytes, kept = self._generate(t_ids, t_pix, ratio, n, clock, kv)
+                tokens, kv_bytes, kept = self._generate(t_ids, t_pix, ratio, n, clock, kv, kwargs)
                 self.sync()
                 t1 = time.perf_counter()
         finally:
             vision.close()
             kv.close()
-        if n_out != n or len(clock.stamps) != n or len(vision.ms) != 1:
-            raise BenchError(f"{self.name}: expected {n} new tokens and one vision pass, got {n_out} tokens, "
+        if len(tokens) != n or len(clock.stamps) != n or len(vision.ms) != 1:
+            raise BenchError(f"{self.name}: expected {n} new tokens and one vision pass, got {len(tokens)} tokens, "
                              f"{len(clock.stamps)} stamps, {len(vision.ms)} vision passes")
         return Run(vision.ms[0], 1e3 * (clock.stamps[0] - t0), _decode_rate(clock.stamps[0], clock.stamps[-1], n),
-                   1e3 * (t1 - t0), int(kv_bytes or 0), kept, n_out)
+                   1e3 * (t1 - t0), int(kv_bytes or 0), kept, len(tokens), token_ids=tokens)
 
 
 class EagerHF(EagerRunner):
@@ -113,13 +126,16 @@ class EagerHF(EagerRunner):
 
     name = "eager-hf"
 
-    def _generate(self, ids, pixels, ratio, n, clock, kv):
+    def _kwargs(self, inputs, ids):
+        return self.family.hf_kwargs(self.model, inputs, ids)
+
+    def _generate(self, ids, pixels, ratio, n, clock, kv, kwargs):
         out = self.model.generate(
-            input_ids=ids, pixel_values=pixels, attention_mask=self.torch.ones_like(ids),
+            input_ids=ids, pixel_values=pixels, attention_mask=self.torch.ones_like(ids), **kwargs,
             max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
             pad_token_id=0, streamer=clock,
         )  # (1, S + n)
-        return out.shape[1] - ids.shape[1], kv.bytes, ids.shape[1]
+        return out[0, ids.shape[1]:].tolist(), kv.bytes, ids.shape[1]
 
 
 class EagerDartRunner(EagerRunner):
@@ -131,9 +147,12 @@ class EagerDartRunner(EagerRunner):
         super().__init__(ctx)
         self.dart = ctx.family.eager(self.model, ctx.dart)
 
-    def _generate(self, ids, pixels, ratio, n, clock, kv):
-        out = self.dart.generate(ids, pixels, keep_ratio=ratio, max_new_tokens=n, streamer=clock)
-        return len(out.token_ids), out.timings["kv_bytes"], len(out.kept_positions)
+    def _kwargs(self, inputs, ids):
+        return self.family.dart_kwargs(self.model, inputs, ids)
+
+    def _generate(self, ids, pixels, ratio, n, clock, kv, kwargs):
+        out = self.dart.generate(ids, pixels, keep_ratio=ratio, max_new_tokens=n, streamer=clock, **kwargs)
+        return out.token_ids, out.timings["kv_bytes"], len(out.kept_positions)
 
 
 # --- engine rows --------------------------------------------------------------------------------------
@@ -154,11 +173,14 @@ class _Recorder:
 
 
 class EngineRunner:
-    """The engine through the runtime on one provider. kv_binding: the decode loop keeps the KV
-    cache with the decoder (IOBinding / TensorRT device buffers) or copies it through numpy;
-    switchable between runs on the same loaded engine (`self.pipe.kv_binding`)."""
+    """The engine through the runtime's step API on one provider: `prepare` (checks, prompt ids,
+    the family's preprocessing, positions) untimed, then `prefill` and the greedy `decode_step`
+    loop timed, as `Pipeline.generate` runs them. kv_binding: the decode loop keeps the KV cache
+    with the decoder (IOBinding / TensorRT device buffers) or copies it through numpy; switchable
+    between runs on the same loaded engine (`self.pipe.kv_binding`)."""
 
-    def __init__(self, engine_dir: Path, provider: str, threads: int, spin: bool = False, kv_binding: bool = True):
+    def __init__(self, engine_dir: Path, provider: str, threads: int, spin: bool = False, kv_binding: bool = True,
+                 family: BenchFamily | None = None):
         import runtime
 
         self.engine_dir = engine_dir
@@ -166,32 +188,58 @@ class EngineRunner:
         self.provider = self.device = provider
         self.spin = spin
         self.pipe = runtime.load(engine_dir, providers=[provider], threads=threads, spin=spin, kv_binding=kv_binding)
+        self.family = family or for_family(self.pipe.manifest.family)
+        self.checked: Inputs | None = None
 
     @classmethod
     def on(cls, provider: Callable[[BenchConfig], str]) -> Callable[[Context], EngineRunner]:
         """The RUNNERS factory of the engine rows on `provider(cfg)`."""
         return lambda ctx: cls(ctx.engine_dir, provider(ctx.cfg), ctx.cfg.threads, ctx.cfg.ort_spin,
-                               ctx.cfg.kv_binding)
+                               ctx.cfg.kv_binding, ctx.bench_family)
 
-    def run(self, ids, pixels, ratio: float, n: int, record: bool = False):
+    def prepare(self, inputs: Inputs, ratio: float, n: int):
+        """The runtime's Prompt for `inputs` (untimed), checked once to hold the same ids, span and
+        pixels as the eager rows get."""
+        from runtime.steps import Request
+
+        prompt = self.pipe.prepare(Request(**self.family.engine_request(inputs), keep_ratio=ratio, max_new_tokens=n,
+                                           ignore_eos=True))
+        if self.checked is not inputs:
+            check_same_inputs(prompt, inputs, self.pipe.manifest)
+            self.checked = inputs
+        return prompt
+
+    def run(self, inputs: Inputs, ratio: float, n: int, record: bool = False):
+        prompt = self.prepare(inputs, ratio, n)
         recorder = None
         if record:
             recorder = self.pipe.decoder = _Recorder(self.pipe.decoder)
         try:
             t0 = time.perf_counter()
-            out = self.pipe.generate(input_ids=ids, pixel_values=pixels, keep_ratio=ratio, max_new_tokens=n,
-                                     ignore_eos=True)
+            state = self.pipe.prefill(prompt)
             t1 = time.perf_counter()
+            tokens = self._decode(prompt, state, n)
+            t2 = time.perf_counter()
         finally:
             if recorder is not None:
                 self.pipe.decoder = recorder.stage
-        t = out.timings
-        if len(out.token_ids) != n:
-            raise BenchError(f"engine on {self.provider}: expected {n} new tokens, got {len(out.token_ids)}")
-        ttft = t["vision_ms"] + t["embed_ms"] + t["prefill_ms"]
-        run = Run(t["vision_ms"], ttft, t["tokens_per_s"], 1e3 * (t1 - t0), int(t["kv_bytes"]),
-                  int(t["kept_tokens"]), len(out.token_ids), t["prefill_ms"])
+        if len(tokens) != n:
+            raise BenchError(f"engine on {self.provider}: expected {n} new tokens, got {len(tokens)}")
+        ttft = 1e3 * (state.vision_s + state.embed_s + state.prefill_s)
+        rate = state.steps / (t2 - t1) if state.steps and t2 > t1 else 0.0
+        run = Run(1e3 * state.vision_s, ttft, rate, 1e3 * (t2 - t0), int(state.kv_bytes), len(state.kept),
+                  len(tokens), 1e3 * state.prefill_s, tokens)
         return (run, recorder.first) if record else run
+
+    def _decode(self, prompt, state, n: int) -> list[int]:
+        """Greedy tokens from the prefill's logits, eos ignored: Pipeline.generate's loop."""
+        tokens, logits = [], state.logits
+        for t in range(n):
+            tokens.append(prompt.sampler(logits))
+            if t + 1 == n:
+                break
+            logits = self.pipe.decode_step(state, tokens[-1])
+        return tokens
 
     def profile_dart(self, feeds: dict, runs: int) -> tuple[float, float]:
         """(ms of DartPrune's nodes per prefill, their share of all node time in the prefill), from
@@ -217,6 +265,22 @@ class EngineRunner:
                 session.run(None, feeds)
             events = json.loads(Path(session.end_profiling()).read_text())
         return dart_share(events, NODE_PREFIX.rstrip("/"), skip_runs=1)
+
+
+def check_same_inputs(prompt, inputs: Inputs, manifest) -> None:
+    """BenchError unless the engine's prepared prompt has exactly the ids, image span and pixel
+    values the eager rows are fed (the runtime preprocesses the image itself for some families)."""
+    pixels_name = manifest.stages["vision_encoder"].inputs[0].name
+    engine_pixels = prompt.vision.feeds.get(pixels_name) if prompt.vision is not None else None
+    problems = [what for what, same in (
+        ("prompt ids", prompt.ids == inputs.ids),
+        (f"image span {prompt.span} vs {inputs.span}", prompt.span == inputs.span),
+        ("pixel values", engine_pixels is not None and engine_pixels.shape == inputs.pixels.shape
+         and np.array_equal(engine_pixels, inputs.pixels)),
+    ) if not same]
+    if problems:
+        raise BenchError(f"the engine prepared other inputs than the eager rows get ({', '.join(problems)}); "
+                         "the engine's preprocessing or template differs from the model's: re-export it")
 
 
 def _check_trt(engine_dir: Path) -> None:

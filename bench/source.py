@@ -1,6 +1,6 @@
 """What every row of a run shares: the engine (exported through export.build when missing), the
 eager torch model, the model's HF config (for the FLOP model), tokenizer, template, token ids and
-preprocessing, and the prompt's ids."""
+preprocessing, and the inputs (prompt ids, image span, pixels: bench.families, by family)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.config import BenchConfig
+from bench.families import Inputs, for_family, load_image
 from bench.probes import BenchError
 from dart_ops.spec import DartConfig
 from export import families
@@ -26,17 +27,21 @@ class Source:
     tokenizer_json: str
     prompt: object  # runtime.manifest.PromptSpec
     tokens: object  # runtime.manifest.TokenSpec
-    preprocess: object  # runtime.manifest.PreprocessSpec
+    preprocess: object  # the manifest's preprocess spec (runtime.manifest.PreprocessSpec, or its family's)
     dart: DartConfig
+    family: str  # the manifest's family name (bench.families.FAMILIES key)
 
 
-def prompt_ids(src: Source, prompt: str) -> list[int]:
-    """The templated prompt's ids with the image token expanded, by the runtime's own PromptBuilder."""
+def make_inputs(src: Source, cfg: BenchConfig) -> Inputs:
+    """The run's inputs (prompt ids with the image tokens expanded, span, pixels), built by the
+    family's bench.families entry from the runtime's own PromptBuilder and preprocessing."""
     from tokenizers import Tokenizer
 
     from runtime.prompt import PromptBuilder
 
-    return PromptBuilder(Tokenizer.from_str(src.tokenizer_json), src.prompt, src.tokens).encode(prompt, with_image=True)
+    fam = for_family(src.family)
+    builder = PromptBuilder(Tokenizer.from_str(src.tokenizer_json), src.prompt, src.tokens)
+    return fam.inputs(builder, src.preprocess, load_image(cfg.image, cfg.image_size, fam), cfg.prompt)
 
 
 def ensure_engine(cfg: BenchConfig) -> Path:
@@ -75,15 +80,17 @@ def load_eager(model: str, engine_dir: Path | None, device: str, dtype: str):
 
 
 def make_source(cfg: BenchConfig, engine_dir: Path | None, eager_model, loaded) -> Source:
-    from runtime.manifest import parse_preprocess, parse_prompt, parse_tokens, read_manifest
+    import runtime.families  # noqa: F401  (registers the families' preprocess kinds)
+    from runtime.manifest import parse_any_preprocess, parse_prompt, parse_tokens, read_manifest
 
     if engine_dir is not None:
         m = read_manifest(engine_dir, verify=False)
         config = eager_model.config.to_dict() if eager_model is not None else config_dict(cfg.model, engine_dir)
         return Source(cfg.model, config, (engine_dir / "tokenizer.json").read_text(), m.prompt, m.tokens,
-                      m.preprocess, m.dart.config())
+                      m.preprocess, m.dart.config(), m.family)
     return Source(cfg.model, eager_model.config.to_dict(), loaded.tokenizer_json, parse_prompt(loaded.prompt),
-                  parse_tokens(loaded.tokens), parse_preprocess(loaded.preprocess), cfg.dart)
+                  parse_tokens(loaded.tokens), parse_any_preprocess(loaded.preprocess), cfg.dart,
+                  loaded.family.name)
 
 
 def config_dict(model: str, engine_dir: Path) -> dict:

@@ -3,6 +3,7 @@
     python scripts/bench.py                                   # llava-bench on this CPU (a few minutes)
     python scripts/bench.py --engine-dir engines/llava-tiny --repeats 1 --json out.json
     python scripts/bench.py --model llava-7b-shape --device cuda --dtype fp16 --runtimes eager-hf,eager-dart
+    python scripts/bench.py --model qwen2.5-vl-bench                  # Qwen2.5-VL, ~1000 vision tokens
 
 The measuring code is the bench/ package (bench/run.py, runners.py, probes.py); the JSON document,
 table and plot come from bench/report.py.
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.config import RUNTIMES, BenchConfig
+from bench.families import NATIVE
 from export.cli import EXIT_OK, Parser, dataclass_defaults, report
 
 log = logging.getLogger("bench")
@@ -28,6 +30,7 @@ EPILOG = """examples:
   python scripts/bench.py --json bench.json --plot bench.png     # llava-bench, exported first if needed
   python scripts/bench.py --engine-dir engines/llava              # an engine you exported (eager from its model)
   python scripts/bench.py --model llava-7b-shape --device cuda --dtype fp16 --runtimes eager-hf,eager-dart
+  python scripts/bench.py --model qwen2.5-vl-bench --image-size 1092x728   # 1014 vision tokens (its default)
 
 prefill = time to first token from tokenised ids and preprocessed pixels (vision encoder + embedding +
 decoder prefill); speed-up = prefill at keep 1.0 / prefill, within one runtime; FLOP limit = the same
@@ -43,6 +46,19 @@ def _ratios(text: str) -> tuple[float, ...]:
     if not values or any(not 0.0 < v <= 1.0 for v in values):
         raise argparse.ArgumentTypeError(f"keep ratios must be in (0, 1], got {text!r}")
     return tuple(sorted(set(values) | {1.0}, reverse=True))  # 1.0 is the baseline of every speed-up
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    if text == "native":
+        return NATIVE
+    w, _, h = text.partition("x")
+    try:
+        size = (int(w), int(h))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must be WxH in pixels or 'native', got {text!r}") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"image size must be positive, got {text!r}")
+    return size
 
 
 def _runtimes(text: str) -> tuple[str, ...]:
@@ -84,6 +100,10 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
                         "see docs/BENCHMARKS.md)")
     r.add_argument("--prompt", default=d["prompt"], help="question")
     r.add_argument("--image", type=Path, default=d["image"], help="image")
+    r.add_argument("--image-size", type=_image_size, default=d["image_size"], metavar="WxH",
+                   help="resize the image to W x H pixels first (untimed; 'native': as it is); default: the "
+                        "family's (qwen2_vl: 1092x728, which gives 1014 vision tokens when the engine's max_pixels "
+                        "allows them; llava: as it is)")
     r.add_argument("--no-profile", dest="profile", action="store_false", default=d["profile"],
                    help="skip profiling DartPrune's share of the ort prefill (ONNX Runtime profiler)")
     r.add_argument("--no-kv-binding", dest="kv_binding", action="store_false", default=d["kv_binding"],
@@ -123,7 +143,7 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
         model=model or d["model"], engine_dir=a.engine_dir, ratios=a.ratios, runtimes=a.runtimes,
         new_tokens=a.new_tokens, repeats=a.repeats, warmup=a.warmup, threads=a.threads, device=a.device,
         dtype=a.dtype, ort_provider=a.ort_provider, ort_spin=a.ort_spin, prompt=a.prompt, image=a.image,
-        profile=a.profile, kv_binding=a.kv_binding, kv_binding_ab=a.kv_binding_ab,
+        image_size=a.image_size, profile=a.profile, kv_binding=a.kv_binding, kv_binding_ab=a.kv_binding_ab,
     )
     return cfg, a
 

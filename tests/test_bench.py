@@ -27,7 +27,7 @@ POSITIVE = ("vision_ms", "prefill_ms", "decode_tok_s", "e2e_ms", "kv_bytes", "pe
 
 
 def _bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, SCRIPT, *args], check=False, cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 

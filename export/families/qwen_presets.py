@@ -73,6 +73,7 @@ class RandomPreset:
     mrope_section: tuple[int, int, int]  # sums to head_dim / 2
     tie_word_embeddings: bool = False
     weight_scale: float = 1.0  # > 1 peaks the logits so greedy output varies (tiny presets)
+    max_pixels: int = 0  # the processor's cap (0: TINY_MAX_PIXELS, 256 tokens, fast tests)
 
 
 _TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -102,7 +103,7 @@ RANDOM_PRESETS = {
                 "fullatt_block_indexes": [1, 3]},
         text={"hidden_size": 512, "intermediate_size": 2752, "num_hidden_layers": 8, "num_attention_heads": 8,
               "num_key_value_heads": 2, "vocab_size": REAL_VOCAB},
-        mrope_section=(8, 12, 12), tie_word_embeddings=True,
+        mrope_section=(8, 12, 12), tie_word_embeddings=True, max_pixels=MAX_PIXELS,
     ),
     # The sizes of Qwen/Qwen2.5-VL-3B-Instruct's config.json.
     "qwen2.5-vl-3b-shape": RandomPreset(
@@ -112,7 +113,7 @@ RANDOM_PRESETS = {
                 "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2},
         text={"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
               "num_key_value_heads": 2, "vocab_size": REAL_VOCAB, "max_position_embeddings": 128000},
-        mrope_section=(16, 24, 24), tie_word_embeddings=True,
+        mrope_section=(16, 24, 24), tie_word_embeddings=True, max_pixels=MAX_PIXELS,
     ),
 }
 
@@ -271,10 +272,13 @@ def preprocess_spec(ip) -> dict:
     return spec.to_json()
 
 
-def tiny_processor(preset: str = "qwen2-vl-tiny", min_pixels: int = MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS):
+def tiny_processor(preset: str = "qwen2-vl-tiny", min_pixels: int = MIN_PIXELS, max_pixels: int | None = None):
     """The image + text processor of a random-weight preset (image_text_processor's class): the PIL
-    image processor, the tiny tokenizer and the Qwen2-VL chat template."""
-    cls = image_text_processor(RANDOM_PRESETS[preset].model_type)
+    image processor, the tiny tokenizer and the Qwen2-VL chat template. max_pixels: the preset's
+    (tiny: 256 tokens; bench and 3b-shape: the checkpoints' 1280) unless given."""
+    p = RANDOM_PRESETS[preset]
+    max_pixels = max_pixels or p.max_pixels or TINY_MAX_PIXELS
+    cls = image_text_processor(p.model_type)
     return cls(image_processor=tiny_image_processor(min_pixels, max_pixels), tokenizer=tiny_tokenizer(),
                chat_template=CHAT_TEMPLATE)
 
