@@ -192,6 +192,17 @@ def test_bad_inputs_get_one_line(qwen):
         pipe.generate(QUESTION, image=Image.new("RGB", (4020, 20)), max_new_tokens=1)
 
 
+def test_an_image_over_the_runtime_pixel_cap_is_one_line(qwen, tmp_path):
+    """A file over MAX_IMAGE_PIXELS is refused from its header (never decoded), as for LLaVA."""
+    from test_preprocess import _png_header
+
+    _, _, pipe, _, _ = qwen
+    path = _png_header(tmp_path / "huge.png", 9000, 8000)
+    with pytest.raises(InputError, match="9000x8000 = 72000000 pixels, over the runtime's limit") as e:
+        pipe.generate(QUESTION, image=path, max_new_tokens=1)
+    assert "\n" not in str(e.value)
+
+
 def test_a_huge_image_is_resized_within_the_cap(qwen):
     """Any valid size runs: a 3000x2000 image is resized within max_pixels like the processor does."""
     _, _, pipe, _, processor = qwen
