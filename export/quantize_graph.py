@@ -279,14 +279,39 @@ def save_graph(model, dst: Path, external: bool) -> list[str]:
     return [dst.name, data]
 
 
+def _read_external_data(model, base: Path) -> None:
+    """Read every initializer's external data into raw_data. Not onnx.load's own reader: onnx 1.23
+    refuses a data file with several hard links ("potential hardlink attack"), and hard-linked
+    engine directories (`cp -al` copies, backups) are legitimate here; the locations were already
+    checked to lie inside the engine directory and be listed in the manifest (read_manifest), and
+    are checked again here."""
+    from onnx import TensorProto
+
+    root = base.resolve()
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        path = (base / info["location"]).resolve()
+        if root not in path.parents:
+            raise QuantizeError(f"{t.name}: external data {info['location']!r} lies outside {base}; re-export")
+        offset, length = int(info.get("offset", 0)), info.get("length")
+        with open(path, "rb") as f:
+            f.seek(offset)
+            t.raw_data = f.read(int(length)) if length is not None else f.read()
+        del t.external_data[:]
+        t.data_location = TensorProto.DEFAULT
+
+
 def quantize_graph(src: Path, dst: Path, plan: StagePlan, scheme: Scheme,
                    verbose: bool = False) -> tuple[QuantSpec, list[str]]:
     """Quantize one stage graph (src, its external data beside it) into dst; returns its QuantSpec and
     the file names written. Raises QuantizeError when the result changed what it must not."""
     import onnx
 
-    external = _has_external_data(onnx.load(str(src), load_external_data=False))
-    model = onnx.load(str(src))  # weights in memory: the quantizer reads them as numpy
+    model = onnx.load(str(src), load_external_data=False)
+    external = _has_external_data(model)
+    _read_external_data(model, src.parent)  # weights in memory: the quantizer reads them as numpy
     before = _snapshot(model)
     gemm_as_matmul(model.graph, plan.gemms)
     with _quiet_quantizer(verbose):

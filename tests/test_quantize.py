@@ -37,6 +37,16 @@ def _restore_process_state():
     logging.getLogger("runtime").setLevel(level)
 
 
+def _load(path: Path):
+    """The graph with its weights, read like export.quantize does (onnx.load refuses external data
+    with several hard links, which other tests' engine copies create)."""
+    from export.quantize_graph import _read_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    _read_external_data(model, path.parent)
+    return model
+
+
 def _tree(d: Path) -> dict[str, tuple[int, int]]:
     """{relative path: (size, mtime_ns)} of every file under d: what "nothing was touched" compares."""
     files = [p for p in d.rglob("*") if p.is_file()]
@@ -82,8 +92,8 @@ def test_quantspec_and_files(tiny_engine, engines, bits):
 def test_graph_keeps_dart_and_metadata(tiny_engine, engines, bits):
     """Only the linear layers changed: DartPrune's node and function, the metadata the runtime checks and
     the interface are the exporter's; the LM head is still the float Gemm."""
-    a = onnx.load(str(tiny_engine[0] / "decoder.onnx"))
-    b = onnx.load(str(engines[bits] / "decoder.onnx"))
+    a = _load(tiny_engine[0] / "decoder.onnx")
+    b = _load(engines[bits] / "decoder.onnx")
     assert [(p.key, p.value) for p in b.metadata_props] == [(p.key, p.value) for p in a.metadata_props]
     assert [f.SerializeToString() for f in b.functions] == [f.SerializeToString() for f in a.functions]
     assert b.graph.input == a.graph.input and b.graph.output == a.graph.output
@@ -101,8 +111,8 @@ def test_graph_keeps_dart_and_metadata(tiny_engine, engines, bits):
 def test_weight_bytes_exact(tiny_engine, engines, bits):
     """Each quantized weight (K x N float32) became K*bits/8 bytes of codes + one float32 scale and one
     zero point (bits wide, packed) per 32 weights: int4 20.5 bytes, int8 37 bytes per 128 float bytes."""
-    a = onnx.load(str(tiny_engine[0] / "decoder.onnx"))
-    b = onnx.load(str(engines[bits] / "decoder.onnx"))
+    a = _load(tiny_engine[0] / "decoder.onnx")
+    b = _load(engines[bits] / "decoder.onnx")
     sizes = {t.name: len(t.raw_data) for t in b.graph.initializer}
     quant = sum(sizes[i] for n in b.graph.node if n.op_type == "MatMulNBits" for i in n.input[1:])
     inits = {t.name: t for t in a.graph.initializer}
@@ -179,7 +189,7 @@ def test_trt_target_writes_blocked_int4_dequantize(tiny_engine, tmp_path, block)
     assert m.stages["decoder"].quantization == QuantSpec(
         bits=4, block_size=block, symmetric=True, algorithm="rtn", format="QDQ", nodes=28,
         accuracy_level=None, excluded=m.stages["decoder"].quantization.excluded)
-    g = onnx.load(str(out / "decoder.onnx"))
+    g = _load(out / "decoder.onnx")
     assert not [n for n in g.graph.node if n.domain == "com.microsoft"]
     inits = {t.name: t for t in g.graph.initializer}
     dq = [n for n in g.graph.node if n.op_type == "DequantizeLinear"]
@@ -370,3 +380,23 @@ def test_build_refuses_quantize_for_tensorrt(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--model", "llava-tiny", "--quantize", "int4", "--target", "trt"])
     assert e.value.code == 2 and "python -m export.quantize --target trt" in capsys.readouterr().err
+
+
+def test_a_hard_linked_engine_directory_quantizes(tiny_engine, tmp_path):
+    """onnx.load refuses external data with several hard links; an engine directory copied with hard
+    links (cp -al, backups) is still ours to read, so export.quantize reads the data itself."""
+    import os
+
+    src, _ = tiny_engine
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for p in src.rglob("*"):
+        dst = linked / p.relative_to(src)
+        if p.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.link(p, dst)
+    assert (linked / "decoder.onnx.data").stat().st_nlink >= 2
+    m = _quantize(linked, tmp_path / "q", bits=4, validate=False)
+    assert m.stages["decoder"].quantization.bits == 4
