@@ -10,7 +10,9 @@ from pathlib import Path
 from dart_ops.spec import DartConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNTIMES = ("eager-hf", "eager-dart", "ort", "trt")  # the keys of bench.runners.RUNNERS, in row order
+# the keys of bench.runners.RUNNERS, in row order; ort-int8 / ort-int4: the ort engine's weight-only quantized
+# copies (export.quantize into <engine-dir>-int8 / -int4, made when missing)
+RUNTIMES = ("eager-hf", "eager-dart", "ort", "ort-int8", "ort-int4", "trt")
 DEFAULT_RUNTIMES = ("eager-hf", "eager-dart", "ort")  # + "trt" on a machine with TensorRT engines
 # A LLaVA-bench-like question: with the template, about 60 text tokens around the 576 vision tokens.
 DEFAULT_PROMPT = ("Describe the image in detail, including the objects, their colours, and where "
@@ -75,3 +77,10 @@ class Row:
     dart_prune_ms: float | None = None
     dart_prune_share: float | None = None
     token_ids: list[int] = field(default_factory=list)  # the new tokens of the last timed run
+    # engine rows: bytes on disk per stage (its graph + external data, from the manifest's files)
+    engine_bytes: dict[str, int] | None = None
+    quant_bits: int | None = None  # ort-int8 / ort-int4 rows: the decoder's weight bits
+    # quantized rows vs the fp32 ort row at the same keep ratio (None without one): cosine of the
+    # first-step (prefill) logits, and the fraction of equal greedy tokens, position by position
+    logits_cosine: float | None = None
+    greedy_agreement: float | None = None

@@ -29,6 +29,49 @@ def targets(rows: list) -> list[dict]:
         share = ort[pruned[0]].dart_prune_share
         out.append({"target": f"DartPrune < 2% of ort prefill (time to first token) at {pruned[0]:g}",
                     "value": share, "threshold": 0.02, "met": share < 0.02})
+    return out + quantized_targets(rows)
+
+
+def quantized_targets(rows: list, rt: str = "ort-int4") -> list[dict]:
+    """The int4 targets: decoder bytes <= 0.3x the fp32 engine's; at the smallest keep ratio both ran,
+    decode tok/s >= 3x and prefill >= 2x faster than eager-dart."""
+    quant = {r.keep_ratio: r for r in rows if r.runtime == rt}
+    ort = {r.keep_ratio: r for r in rows if r.runtime == "ort"}
+    eager = {r.keep_ratio: r for r in rows if r.runtime == "eager-dart"}
+    out = []
+    if quant and ort:
+        q, f = next(iter(quant.values())), next(iter(ort.values()))
+        share = q.engine_bytes["decoder"] / f.engine_bytes["decoder"]
+        out.append({"target": f"{rt} decoder bytes <= 0.3x the fp32 decoder's", "value": share,
+                    "threshold": 0.3, "met": share <= 0.3})
+    common = sorted(set(quant) & set(eager))
+    if common:
+        r = min(common)
+        decode = quant[r].decode_tok_s / eager[r].decode_tok_s
+        prefill = eager[r].prefill_ms / quant[r].prefill_ms
+        out.append({"target": f"{rt} decode tok/s >= 3x eager-dart's at {r:g}", "value": decode,
+                    "threshold": 3.0, "met": decode >= 3.0})
+        out.append({"target": f"{rt} prefill >= 2x faster than eager-dart at {r:g}", "value": prefill,
+                    "threshold": 2.0, "met": prefill >= 2.0})
+    return out
+
+
+def quantized_vs_ort(rows: list) -> list[dict]:
+    """Per quantized row: its figures next to the ort (fp32) row at the same keep ratio."""
+    ort = {r.keep_ratio: r for r in rows if r.runtime == "ort"}
+    out = []
+    for q in rows:
+        f = ort.get(q.keep_ratio)
+        if q.quant_bits is None or f is None:
+            continue
+        out.append({"runtime": q.runtime, "keep_ratio": q.keep_ratio, "kept_tokens": q.kept_tokens,
+                    "ort_kept_tokens": f.kept_tokens, "decoder_bytes": q.engine_bytes["decoder"],
+                    "ort_decoder_bytes": f.engine_bytes["decoder"],
+                    "engine_bytes": sum(q.engine_bytes.values()), "ort_engine_bytes": sum(f.engine_bytes.values()),
+                    "prefill_ms": q.prefill_ms, "ort_prefill_ms": f.prefill_ms,
+                    "decode_tok_s": q.decode_tok_s, "ort_decode_tok_s": f.decode_tok_s,
+                    "peak_rss_bytes": q.peak_rss_bytes, "ort_peak_rss_bytes": f.peak_rss_bytes,
+                    "logits_cosine": q.logits_cosine, "greedy_agreement": q.greedy_agreement})
     return out
 
 
@@ -45,7 +88,8 @@ def side_by_side(rows: list, a: str = "eager-dart", b: str = "ort") -> list[dict
 
 def to_json(rows: list, meta: dict) -> dict:
     return {"schema": SCHEMA, "meta": meta, "rows": [asdict(r) for r in rows],
-            "ort_vs_eager_dart": side_by_side(rows), "targets": targets(rows)}
+            "ort_vs_eager_dart": side_by_side(rows), "quantized_vs_ort": quantized_vs_ort(rows),
+            "targets": targets(rows)}
 
 
 def _side_by_side_lines(pairs: list[dict]) -> list[str]:
@@ -59,6 +103,23 @@ def _side_by_side_lines(pairs: list[dict]) -> list[str]:
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
     return ["", "ort vs eager-dart, same keep ratio (time to first token):"] + [
         "  ".join(x.rjust(w) for x, w in zip(c, widths)) for c in cells]
+
+
+def _quantized_lines(pairs: list[dict]) -> list[str]:
+    if not pairs:
+        return []
+    head = ["runtime", "keep", "kept", "decoder MB", "of fp32", "engine MB", "prefill ms", "vs fp32",
+            "decode tok/s", "vs fp32", "peak RSS MiB", "logits cos", "greedy agree"]
+    cells = [head] + [[p["runtime"], f"{p['keep_ratio']:g}", f"{p['kept_tokens']}",
+                       f"{p['decoder_bytes'] / 1e6:.1f}", f"{p['decoder_bytes'] / p['ort_decoder_bytes']:.3f}x",
+                       f"{p['engine_bytes'] / 1e6:.1f}", f"{p['prefill_ms']:.1f}",
+                       f"{p['ort_prefill_ms'] / p['prefill_ms']:.2f}x", f"{p['decode_tok_s']:.1f}",
+                       f"{p['decode_tok_s'] / p['ort_decode_tok_s']:.2f}x", f"{p['peak_rss_bytes'] / MiB:.0f}",
+                       f"{p['logits_cosine']:.4f}", f"{p['greedy_agreement']:.3f}"] for p in pairs]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    return ["", ("quantized vs ort (fp32), same keep ratio (vs fp32: fp32 ms / ms, tok/s / fp32 tok/s; "
+                "MB = 1e6 bytes on disk):")] + [
+        "  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths))) for c in cells]
 
 
 def _row_cells(r) -> list[str]:
@@ -106,6 +167,7 @@ def format_table(rows, meta: dict, targets: list[dict]) -> str:
         fmt(["-" * w for w in widths]),
         *[fmt(c) for c in cells[1:]],
         *_side_by_side_lines(side_by_side(rows)),
+        *_quantized_lines(quantized_vs_ort(rows)),
     ]
     if targets:
         lines.append("")

@@ -2,7 +2,7 @@
 
 Rows: one per (runtime, keep ratio), each run on the same prompt ids and the same image (its pixel
 values preprocessed once; the engine's own preprocessing checked equal to them), generating exactly
-N tokens; the runtimes are bench.runners.RUNNERS (eager-hf, eager-dart, ort, trt). What differs per
+N tokens; the runtimes are bench.runners.RUNNERS (eager-hf, eager-dart, ort, ort-int8, ort-int4, trt). What differs per
 model family (the inputs, Qwen's grid and M-RoPE positions, the FLOP shape bound to the image) is
 bench.families.FAMILIES[manifest family].
 
@@ -14,6 +14,10 @@ Figures per row (median over `repeats` runs after `warmup` runs, with min and ma
     e2e_ms       whole call for N new tokens
     kv_bytes     KV cache after prefill; peak_rss_bytes / rss_delta_bytes: process peak RSS during
                  the row and its rise over the RSS at the row's start; peak_gpu_bytes on CUDA.
+    engine_bytes engine rows: bytes on disk per stage (graph + external data)
+    logits_cosine, greedy_agreement
+                 ort-int8 / ort-int4 rows vs the ort (fp32) row at the same keep ratio: cosine of the
+                 first-step logits, fraction of equal greedy tokens (both runs' last timed run)
 Speed-ups: prefill_ms at 1.0 / prefill_ms at r within a runtime, next to the FLOP-model limit
 (dart_ops.flops.speedup_limit, on the family's flop_shape) and their quotient.
 
@@ -29,11 +33,21 @@ import logging
 import statistics
 from dataclasses import asdict
 
+import numpy as np
+
 from bench.config import TIMING_FIGURES, BenchConfig, Row
 from bench.families import Inputs, for_family, load_image
 from bench.probes import BenchError, PeakRSS, environment, gpu_peak, matmul_rate
 from bench.runners import RUNNERS, Context, EngineRunner, Run, Runner
-from bench.source import Source, ensure_engine, load_eager, make_inputs, make_source
+from bench.source import (
+    Source,
+    engine_bytes,
+    ensure_engine,
+    ensure_quantized,
+    load_eager,
+    make_inputs,
+    make_source,
+)
 from dart_ops import flops
 from export import families
 
@@ -68,6 +82,30 @@ def add_speedups(rows: list[Row]) -> None:
             r.speedup_vs_limit = r.prefill_speedup / r.flop_limit_speedup
 
 
+def cosine(a, b) -> float:
+    """Cosine similarity of two vectors, in float64."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Fraction of positions where two greedy token sequences hold the same token."""
+    n = max(len(a), len(b))
+    return sum(x == y for x, y in zip(a, b)) / n if n else 1.0
+
+
+def compare_quantized(rows: list[Row], logits: dict[tuple[str, float], np.ndarray]) -> None:
+    """Quantized rows: logits_cosine and greedy_agreement vs the ort row at the same keep ratio
+    (`logits`: (runtime, ratio) -> the first-step logits of the row's last timed run)."""
+    ref = {r.keep_ratio: r for r in rows if r.runtime == "ort"}
+    for r in rows:
+        base = ref.get(r.keep_ratio)
+        if r.quant_bits is None or base is None:
+            continue
+        r.logits_cosine = cosine(logits[(r.runtime, r.keep_ratio)], logits[("ort", r.keep_ratio)])
+        r.greedy_agreement = agreement(r.token_ids, base.token_ids)
+
+
 def _check(cfg: BenchConfig) -> None:
     bad = [r for r in cfg.runtimes if r not in RUNNERS]
     if bad:
@@ -98,9 +136,10 @@ def _runner(rt: str, ctx: Context, runners: dict[str, Runner], rest: list[tuple[
 
 
 def _row(cfg: BenchConfig, rt: str, ratio: float, runner: Runner, inputs: Inputs, src: Source, shape,
-         progress) -> tuple[Row, bool]:
+         progress) -> tuple[Row, bool, Run]:
     """Warm-up + timed runs of one (runtime, ratio), summarised, with the FLOP model's figures
-    (`shape`: bound to the image); and whether its peak RSS is the row's own (PeakRSS.resettable)."""
+    (`shape`: bound to the image); whether its peak RSS is the row's own (PeakRSS.resettable); the
+    last timed run."""
     kind, S, (a, L) = RUNNERS[rt], len(inputs.ids), inputs.span
     dart = src.dart.with_ratio(ratio)
     counts = dart.counts(L, S - a - L)
@@ -123,6 +162,7 @@ def _row(cfg: BenchConfig, rt: str, ratio: float, runner: Runner, inputs: Inputs
         new_tokens=last.new_tokens, runs=len(runs), **med, kv_bytes=last.kv_bytes, peak_rss_bytes=mem.peak,
         rss_delta_bytes=max(0, mem.peak - mem.start), peak_gpu_bytes=gpu.peak() if gpu else None,
         spread=spread, flop_limit_speedup=flops.speedup_limit(shape, S, a, L, dart), token_ids=last.token_ids,
+        engine_bytes=engine_bytes(runner.engine_dir) if kind.engine else None, quant_bits=kind.bits,
     )
     kept = counts.kept_len(S) if kind.prunes else S
     pivots = counts.pivots_image + counts.pivots_text
@@ -135,7 +175,7 @@ def _row(cfg: BenchConfig, rt: str, ratio: float, runner: Runner, inputs: Inputs
         decoder_ms = statistics.median(r.decoder_ms for r in runs)
         row.dart_prune_ms = row.dart_prune_decoder_share * decoder_ms
         row.dart_prune_share = row.dart_prune_ms / row.prefill_ms
-    return row, mem.resettable
+    return row, mem.resettable, last
 
 
 def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
@@ -146,6 +186,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
     uses_engine = any(k.engine for k in kinds)
     eager_rows = any(not k.engine for k in kinds)
     engine_dir = ensure_engine(cfg) if uses_engine else cfg.engine_dir
+    quantized = {k.bits: ensure_quantized(engine_dir, k.bits) for k in kinds if k.bits}
     for kind in kinds:  # fail before any row runs, not after the others
         if kind.check:
             kind.check(engine_dir)
@@ -166,19 +207,23 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
              "row", cfg.model, S, L, a, *inputs.image.size, f", grid {inputs.grid[0]}x{inputs.grid[1]} patches"
              if inputs.grid else "", cfg.new_tokens, cfg.threads, cfg.warmup, cfg.repeats)
 
-    ctx = Context(cfg, family, src.dart, eager_model, engine_dir, for_family(src.family))
+    ctx = Context(cfg, family, src.dart, eager_model, engine_dir, for_family(src.family), quantized)
     del eager_model, loaded  # ctx.model holds it until the eager rows are done
     runners: dict[str, Runner] = {}
     rows: list[Row] = []
+    logits: dict[tuple[str, float], np.ndarray] = {}
     rss_per_row = True
     order = plan(cfg)
     for i, (rt, ratio) in enumerate(order):
         runner = _runner(rt, ctx, runners, order[i:])
-        row, resettable = _row(cfg, rt, ratio, runner, inputs, src, shape, progress)
+        row, resettable, last = _row(cfg, rt, ratio, runner, inputs, src, shape, progress)
         rows.append(row)
+        if last.first_logits is not None:
+            logits[(rt, ratio)] = last.first_logits
         rss_per_row = rss_per_row and resettable
         log.debug("bench: %s @ %g: prefill %.1f ms", rt, ratio, row.prefill_ms)
     add_speedups(rows)
+    compare_quantized(rows, logits)
     meta = environment(cfg.threads, cfg.device)
     if cfg.device == "cpu" or "ort" in cfg.runtimes and cfg.ort_provider == "cpu":
         t = shape.text
@@ -197,7 +242,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
                 repeats=cfg.repeats, warmup=cfg.warmup, dart=asdict(src.dart), shape=asdict(shape),
                 flops_full=flops.prefill_flops(shape, S, None, src.dart.layer)["total"],
                 peak_rss_scope="row" if rss_per_row else "process", ort_spin=cfg.ort_spin,
-                kv_binding=cfg.kv_binding)
+                kv_binding=cfg.kv_binding, quantized={f"int{b}": str(p) for b, p in quantized.items()})
     engine_runners = [runners[rt] for rt in ("trt", "ort") if rt in runners]
     if cfg.kv_binding_ab and engine_runners:
         meta["kv_binding_ab"] = kv_binding_ab(cfg, runner=engine_runners[0], progress=progress)

@@ -4,6 +4,9 @@
     eager-dart   the family's eager DART baseline (dart_ops.eager.EagerDart), every keep ratio
     ort          the exported engine through the torch-free runtime on ONNX Runtime (prepare untimed,
                  prefill + decode_step timed)
+    ort-int8     `ort` on the engine's weight-only int8 copy (export.quantize --bits 8, defaults: --target ort,
+                 decoder linears, LM head in float) in <engine-dir>-int8, made when missing
+    ort-int4     the same at --bits 4, in <engine-dir>-int4
     trt          the same runtime on the TensorRT engines of `python -m export.trt`
 
 RUNNERS[name] says how to build each from a Context (the torch model, the engine directory) and
@@ -38,6 +41,7 @@ class Run:
     new_tokens: int
     decoder_ms: float = 0.0  # engine rows: the decoder's prefill call alone
     token_ids: list[int] = field(default_factory=list)
+    first_logits: np.ndarray | None = None  # engine rows: (V,) the prefill's logits (the first step's)
 
 
 class Runner(Protocol):
@@ -60,6 +64,7 @@ class Context:
     model: Any = None  # the HF torch model (eval), None once the eager rows are done
     engine_dir: Path | None = None
     bench_family: BenchFamily | None = None  # bench.families entry of the manifest's family
+    quantized: dict[int, Path] = field(default_factory=dict)  # bits -> the engine's quantized copy
 
 
 def _decode_rate(first: float, last: float, n: int) -> float:
@@ -192,10 +197,10 @@ class EngineRunner:
         self.checked: Inputs | None = None
 
     @classmethod
-    def on(cls, provider: Callable[[BenchConfig], str]) -> Callable[[Context], EngineRunner]:
-        """The RUNNERS factory of the engine rows on `provider(cfg)`."""
-        return lambda ctx: cls(ctx.engine_dir, provider(ctx.cfg), ctx.cfg.threads, ctx.cfg.ort_spin,
-                               ctx.cfg.kv_binding, ctx.bench_family)
+    def on(cls, provider: Callable[[BenchConfig], str], bits: int | None = None) -> Callable[[Context], EngineRunner]:
+        """The RUNNERS factory of the engine rows on `provider(cfg)`: the engine, or its int`bits` copy."""
+        return lambda ctx: cls(ctx.engine_dir if bits is None else ctx.quantized[bits], provider(ctx.cfg),
+                               ctx.cfg.threads, ctx.cfg.ort_spin, ctx.cfg.kv_binding, ctx.bench_family)
 
     def prepare(self, inputs: Inputs, ratio: float, n: int):
         """The runtime's Prompt for `inputs` (untimed), checked once to hold the same ids, span and
@@ -217,6 +222,7 @@ class EngineRunner:
         try:
             t0 = time.perf_counter()
             state = self.pipe.prefill(prompt)
+            first = np.array(state.logits, dtype=np.float32).reshape(-1)  # (V,) a copy: decode replaces it
             t1 = time.perf_counter()
             tokens = self._decode(prompt, state, n)
             t2 = time.perf_counter()
@@ -228,7 +234,7 @@ class EngineRunner:
         ttft = 1e3 * (state.vision_s + state.embed_s + state.prefill_s)
         rate = state.steps / (t2 - t1) if state.steps and t2 > t1 else 0.0
         run = Run(1e3 * state.vision_s, ttft, rate, 1e3 * (t2 - t0), int(state.kv_bytes), len(state.kept),
-                  len(tokens), 1e3 * state.prefill_s, tokens)
+                  len(tokens), 1e3 * state.prefill_s, tokens, first)
         return (run, recorder.first) if record else run
 
     def _decode(self, prompt, state, n: int) -> list[int]:
@@ -302,11 +308,14 @@ class Kind:
     prunes: bool = True  # runs every keep ratio (else 1.0 only)
     profiles: bool = False  # pruned rows also profile DartPrune's share (ONNX Runtime profiler)
     check: Callable[[Path], None] | None = None  # raises before any row runs when the engine lacks something
+    bits: int | None = None  # runs the engine's weight-only int`bits` copy (bench.source.ensure_quantized)
 
 
 RUNNERS: dict[str, Kind] = {
     "eager-hf": Kind(EagerHF, engine=False, prunes=False),
     "eager-dart": Kind(EagerDartRunner, engine=False),
     "ort": Kind(EngineRunner.on(lambda cfg: cfg.ort_provider), engine=True, profiles=True),
+    "ort-int8": Kind(EngineRunner.on(lambda cfg: cfg.ort_provider, bits=8), engine=True, bits=8),
+    "ort-int4": Kind(EngineRunner.on(lambda cfg: cfg.ort_provider, bits=4), engine=True, bits=4),
     "trt": Kind(EngineRunner.on(lambda cfg: "tensorrt"), engine=True, check=_check_trt),
 }

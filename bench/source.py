@@ -67,6 +67,42 @@ def ensure_engine(cfg: BenchConfig) -> Path:
     return out
 
 
+def quantized_dir(engine_dir: Path, bits: int) -> Path:
+    """Where the engine's int`bits` copy lives: the sibling directory <engine-dir>-int<bits>."""
+    engine_dir = Path(engine_dir)
+    return engine_dir.with_name(f"{engine_dir.name}-int{bits}")
+
+
+def ensure_quantized(engine_dir: Path, bits: int) -> Path:
+    """The weight-only int`bits` copy of the engine in `engine_dir` (quantized_dir), made now with
+    export.quantize's defaults (--target ort: MatMulNBits on the decoder's linears, LM head in
+    float; validated against the source) when the directory has no engine."""
+    from export.quantize import QuantizeConfig, quantize
+    from runtime.manifest import read_manifest
+
+    out = quantized_dir(engine_dir, bits)
+    if (out / "manifest.json").is_file():
+        src, got = read_manifest(engine_dir, verify=False), read_manifest(out, verify=False)
+        quant = got.stages["decoder"].quantization
+        if got.model != src.model or quant is None or quant.bits != bits:
+            what = f"int{quant.bits}" if quant else "a float"
+            raise BenchError(f"{out} holds {what} engine of {got.model!r}, not an int{bits} copy of {src.model!r}; "
+                             "move it away (the bench quantizes the engine into it)")
+        return out
+    log.info("bench: no int%d engine at %s; quantizing %s first", bits, out, engine_dir)
+    quantize(QuantizeConfig(engine_dir=Path(engine_dir), out=out, bits=bits))
+    return out
+
+
+def engine_bytes(engine_dir: Path) -> dict[str, int]:
+    """Bytes on disk per stage of an engine: its graph plus external data, from the manifest's files."""
+    from export.quantize import stage_bytes
+    from runtime.manifest import read_manifest
+
+    m = read_manifest(engine_dir, verify=False)
+    return {stage: stage_bytes(m, stage) for stage in m.stages}
+
+
 def load_eager(model: str, engine_dir: Path | None, device: str, dtype: str):
     """(torch model, Loaded) by the family's loader: from the engine's saved checkpoint when there is
     one (the exact weights that were exported), else from `model` (presets build on `device`)."""

@@ -31,6 +31,7 @@ EPILOG = """examples:
   python scripts/bench.py --engine-dir engines/llava              # an engine you exported (eager from its model)
   python scripts/bench.py --model llava-7b-shape --device cuda --dtype fp16 --runtimes eager-hf,eager-dart
   python scripts/bench.py --model qwen2.5-vl-bench --image-size 1092x728   # 1014 vision tokens (its default)
+  python scripts/bench.py --runtimes ort,ort-int8,ort-int4 --ratios 1.0,0.111   # int8 / int4 vs fp32 engines
 
 prefill = time to first token from tokenised ids and preprocessed pixels (vision encoder + embedding +
 decoder prefill); speed-up = prefill at keep 1.0 / prefill, within one runtime; FLOP limit = the same
@@ -82,8 +83,10 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     r.add_argument("--ratios", type=_ratios, default=d["ratios"],
                    help="keep ratios, comma-separated; 1.0 is always added")
     r.add_argument("--runtimes", type=_runtimes, default=d["runtimes"],
-                   help=f"rows to run, comma-separated, from {','.join(RUNTIMES)}; trt runs the engines of "
-                        "python -m export.trt (needs TensorRT)")
+                   help=f"rows to run, comma-separated, from {','.join(RUNTIMES)}; ort-int8 / ort-int4 run the "
+                        "engine's weight-only quantized copy in <engine-dir>-int8 / -int4 (python -m "
+                        "export.quantize's defaults, made when missing); trt runs the engines of python -m "
+                        "export.trt (needs TensorRT)")
     r.add_argument("--new-tokens", type=int, default=d["new_tokens"],
                    help="tokens generated per run, eos ignored")
     r.add_argument("--repeats", type=int, default=d["repeats"], help="timed runs per row")

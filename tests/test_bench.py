@@ -317,3 +317,57 @@ def test_new_tokens_beyond_the_context_fail_fast(tiny_engine, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: BenchError: --new-tokens 4000 after the ")
     assert "exceeds the engine's max_context 4096" in r.stderr and not out.exists()
+
+
+# --- ort-int4 next to ort: the quantized copy made by the bench, compared with the fp32 rows ------------
+
+
+def _stage_bytes(manifest: dict, prefix: str) -> int:
+    """Bytes of a stage's graph and external data, from a manifest's files (named <stage>.onnx[.data])."""
+    return sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith(prefix + ".onnx"))
+
+
+def test_int4_rows_next_to_ort(tiny_engine, tmp_path):
+    """--runtimes ort,ort-int4: the int4 copy is made in <engine-dir>-int4; its rows carry its bytes per
+    stage, a logits cosine and greedy agreement vs the fp32 rows, and the same DART kept counts."""
+    engine_dir, _ = tiny_engine
+    out = tmp_path / "b.json"
+    proc = _bench("--engine-dir", str(engine_dir), "--runtimes", "ort,ort-int4", "--repeats", "1", "--warmup", "0",
+                  "--new-tokens", "4", "--threads", "2", "--ratios", f"1.0,{LOW}", "--no-profile",
+                  "--json", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "quantized vs ort (fp32)" in proc.stdout
+    doc = json.loads(out.read_text())
+    rows = _rows(doc)
+    assert list(rows) == [("ort", 1.0), ("ort", LOW), ("ort-int4", 1.0), ("ort-int4", LOW)]
+    int4_dir = engine_dir.with_name(engine_dir.name + "-int4")
+    assert doc["meta"]["quantized"] == {"int4": str(int4_dir)}
+    fp32 = json.loads((engine_dir / "manifest.json").read_text())
+    int4 = json.loads((int4_dir / "manifest.json").read_text())
+    assert int4["stages"]["decoder"]["quantization"]["bits"] == 4
+    for ratio in (1.0, LOW):
+        f, q = rows[("ort", ratio)], rows[("ort-int4", ratio)]
+        assert f["quant_bits"] is None and f["logits_cosine"] is None and f["greedy_agreement"] is None
+        assert q["quant_bits"] == 4
+        for stage in ("vision_encoder", "embed_tokens", "decoder"):
+            assert f["engine_bytes"][stage] == _stage_bytes(fp32, stage)
+            assert q["engine_bytes"][stage] == _stage_bytes(int4, stage)
+        assert q["engine_bytes"]["decoder"] < f["engine_bytes"]["decoder"]
+        assert q["engine_bytes"]["vision_encoder"] == f["engine_bytes"]["vision_encoder"]  # left in float
+        assert 0 < q["logits_cosine"] <= 1
+        assert q["greedy_agreement"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # 4 tokens
+        assert q["kept_tokens"] == f["kept_tokens"] and q["kept_vision_tokens"] == f["kept_vision_tokens"]
+        assert q["peak_rss_bytes"] > 0 and q["decode_tok_s"] > 0 and q["prefill_ms"] > 0
+    pairs = doc["quantized_vs_ort"]
+    assert [(p["runtime"], p["keep_ratio"]) for p in pairs] == [("ort-int4", 1.0), ("ort-int4", LOW)]
+    assert any(t["target"] == "ort-int4 decoder bytes <= 0.3x the fp32 decoder's" for t in doc["targets"])
+
+
+def test_cosine_and_agreement():
+    from bench.run import agreement, cosine
+
+    assert agreement([1, 2, 3, 4], [1, 5, 3, 6]) == 0.5
+    assert agreement([], []) == 1.0
+    assert cosine([3.0, 4.0], [3.0, 4.0]) == pytest.approx(1.0, abs=1e-15)
+    assert cosine([1.0, 0.0], [0.0, 2.0]) == 0.0
+    assert cosine([1.0, 1.0], [-2.0, -2.0]) == pytest.approx(-1.0, abs=1e-15)
