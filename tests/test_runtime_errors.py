@@ -392,10 +392,13 @@ def test_cli_subprocess_usage_errors(engine):
 
 def test_cli_runtime_errors(engine, capsys, monkeypatch, caplog):
     base = ["--engine-dir", str(engine), "--prompt", "what"]
-    assert main(base + ["--max-new-tokens", str(10**12), "--json"]) == 0  # capped, not refused
+    with caplog.at_level(logging.WARNING, logger="runtime.pipeline"):  # whatever other tests left set
+        assert main(base + ["--max-new-tokens", str(10**12), "--json"]) == 0  # capped, not refused
     out = capsys.readouterr()
     assert json.loads(out.out)["timings"]["max_new_tokens"] == 36
-    assert "capped to 36" in caplog.text
+    lg = logging.getLogger("runtime.pipeline")
+    assert "capped to 36" in caplog.text, (lg.disabled, lg.level, lg.propagate, logging.getLogger("runtime").level,
+                                          logging.getLogger().handlers)
     assert main(base + ["--prompt", "<image> what"]) == 1
     err = capsys.readouterr().err
     assert err == ("error: the prompt text must not contain '<image>': the template adds the image token "
