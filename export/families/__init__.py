@@ -122,6 +122,30 @@ class Family:
         raise NotImplementedError
 
 
+def build_seeded(make: Callable[[], Any], seed: int, dtype, device, weight_scale: float = 1.0):
+    """A random-weight model: `make()` run after torch.manual_seed(seed) with `dtype` as the default
+    dtype on `device` (default CPU), then 2-D non-embedding, non-norm weights multiplied by
+    weight_scale (> 1 peaks the logits so greedy output varies). Parameters are built in `dtype`;
+    buffers that HF computes in fp32 on purpose (the rotary inv_freq) stay fp32, as from_pretrained
+    leaves them: an fp16 inv_freq shifts RoPE phases by up to ~0.3 rad at position 600. Eval mode."""
+    import torch
+
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)
+    try:
+        with torch.device(device or "cpu"):
+            model = make()
+    finally:
+        torch.set_default_dtype(old)
+    if weight_scale != 1.0:
+        with torch.no_grad():
+            for name, w in model.named_parameters():
+                if w.dim() == 2 and "embed" not in name and "norm" not in name:
+                    w.mul_(weight_scale)
+    return model.eval()
+
+
 def register(family: Family) -> Family:
     if family.name in _FAMILIES:
         raise ValueError(f"model family {family.name!r} is already registered")

@@ -93,28 +93,12 @@ def build_random_model(preset: str, seed: int = 0, dtype=None, device=None):
 
     Weights of 2-D non-embedding, non-norm parameters are multiplied by the preset's weight_scale.
     """
-    import torch
     from transformers import LlavaForConditionalGeneration
 
-    dtype = dtype or torch.float32
-    p = RANDOM_PRESETS[preset]
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device or "cpu"):
-            model = LlavaForConditionalGeneration(random_config(preset))
-    finally:
-        torch.set_default_dtype(old)
-    if p.weight_scale != 1.0:
-        with torch.no_grad():
-            for name, w in model.named_parameters():
-                if w.dim() == 2 and "embed" not in name and "norm" not in name:
-                    w.mul_(p.weight_scale)
-    # Parameters are already in `dtype` (the default dtype while building); buffers that HF
-    # computes in fp32 on purpose (the rotary inv_freq) stay fp32, as from_pretrained leaves them:
-    # an fp16 inv_freq shifts RoPE phases by up to ~0.3 rad at position 600.
-    return model.eval()
+    from export.families import build_seeded
+
+    return build_seeded(lambda: LlavaForConditionalGeneration(random_config(preset)), seed, dtype, device,
+                        RANDOM_PRESETS[preset].weight_scale)
 
 
 def build_tiny_model(seed: int = 0):

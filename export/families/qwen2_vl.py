@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 from export.families import Family, Loaded, VisionExamples, register
@@ -146,8 +147,6 @@ class QwenVLFamily(Family):
         eos = [i for i in dict.fromkeys([*eos, *_ids(getattr(cfg.text_config, "eos_token_id", None))])
                if isinstance(i, int) and i >= 0]
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos[-1]
-        from dataclasses import asdict
-
         return Loaded(
             family=self, name=name, model=hf, tokenizer_json=tok.backend_tokenizer.to_str(),
             preprocess={"kind": "qwen2_vl", **image_spec, "vision": asdict(vision)},

@@ -156,26 +156,11 @@ def build_random_model(preset: str, seed: int = 0, dtype=None, device=None):
 
     Weights of 2-D non-embedding, non-norm parameters are multiplied by the preset's weight_scale
     (as llava.build_random_model does)."""
-    import torch
+    from export.families import build_seeded
 
-    dtype = dtype or torch.float32
     p = RANDOM_PRESETS[preset]
     _, model_cls = _classes(p.model_type)
-    torch.manual_seed(seed)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device or "cpu"):
-            model = model_cls(random_config(preset))
-    finally:
-        torch.set_default_dtype(old)
-    if p.weight_scale != 1.0:
-        with torch.no_grad():
-            for name, w in model.named_parameters():
-                if w.dim() == 2 and "embed" not in name and "norm" not in name:
-                    w.mul_(p.weight_scale)
-    # Rotary inv_freq buffers stay fp32 in any dtype, as from_pretrained leaves them (llava.py).
-    return model.eval()
+    return build_seeded(lambda: model_cls(random_config(preset)), seed, dtype, device, p.weight_scale)
 
 
 # --- tokenizer and processor -----------------------------------------------------------------------

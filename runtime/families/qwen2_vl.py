@@ -60,10 +60,6 @@ class QwenSpec:
                                  f"'preprocess.{key}' {getattr(image, key)}")
         return cls(image, vision)
 
-    def max_tokens(self) -> int:
-        """Vision tokens of the largest image the processor produces (max_pixels / factor^2, floored)."""
-        return self.image.max_pixels // (self.image.factor ** 2)
-
 
 register_preprocess(KIND, QwenSpec.from_json)
 
