@@ -12,7 +12,8 @@ Per family:
     dart_kwargs(model, inputs, ids) -> dict
                       extra arguments of dart_ops.eager.EagerDart.generate (positions, image kwargs)
     flop_shape(shape, inputs) -> ModelShape
-                      the family's flop_shape bound to this image (a Qwen tower's cost depends on it)
+                      the family's flop_shape bound to this image (a Qwen tower's cost depends on it,
+                      a LLaVA-NeXT tower's on its crop count)
     image_size        the bench image's default size (W, H) (None: the image as given)
 
 These are the hooks export.families.Family could own (the table is the interim home of that logic).
@@ -35,6 +36,10 @@ NATIVE = (0, 0)  # BenchConfig.image_size: keep the image's own size, whatever t
 # W x H: examples/sample.png (480 x 320) scaled 2.275x: 52 x 78 patches = 26 x 39 = 1014 vision tokens when the
 # engine's max_pixels admits them (>= 1014 * 28 * 28)
 QWEN_IMAGE_SIZE = (1092, 728)
+# W x H: a 672 px square is its own anyres pinpoint (2 x 2 tiles + the base image = 5 crops, nothing
+# unpadded): 576 + 48 * (48 + 1) = 2928 vision tokens, LLaVA-NeXT's maximum (the DART paper's "2880-token"
+# setting)
+NEXT_IMAGE_SIZE = (672, 672)
 
 
 @dataclass(frozen=True)
@@ -43,9 +48,11 @@ class Inputs:
 
     ids: list[int]  # (S,) the templated prompt, image tokens expanded
     span: tuple[int, int]  # (start, L) of the image tokens in ids
-    pixels: np.ndarray  # the vision graph's pixel_values: LLaVA (1, 3, H, W); Qwen (N, 1176)
+    pixels: np.ndarray  # the vision graph's pixel_values: LLaVA (1, 3, H, W); Qwen (N, 1176);
+    # LLaVA-NeXT (crops, 3, 336, 336)
     image: Any  # the RGB PIL image the pixels come from (after the bench's resize)
     grid: tuple[int, int] | None = None  # Qwen: (gh, gw) patches of the resized image
+    layout: Any = None  # LLaVA-NeXT: runtime.llava_next_preprocess.NextLayout of the resized image
 
 
 @dataclass(frozen=True)
@@ -132,7 +139,39 @@ QWEN2_VL = BenchFamily(
 )
 
 
-FAMILIES: dict[str, BenchFamily] = {"llava": LLAVA, "qwen2_vl": QWEN2_VL}
+# --- LLaVA-NeXT: anyres crops of the image, its own token count, positions arange(S) -------------------
+
+
+def _next_inputs(builder, preprocess, image, prompt: str) -> Inputs:
+    from runtime.llava_next_preprocess import preprocess as next_preprocess
+    from runtime.prompt import expand_image_tokens, find_span
+
+    pixels, layout = next_preprocess(image, preprocess.image)  # (crops, 3, 336, 336) float32, L layout.tokens
+    image_id = builder.tokens.image_token_id
+    ids = expand_image_tokens(builder.encode(prompt, with_image=True), image_id, layout.tokens)
+    return Inputs(ids, find_span(ids, image_id), pixels, image, layout=layout)
+
+
+def _next_hf(model, inp: Inputs, ids) -> dict:
+    """image_sizes [[H, W]] (the image's own size) as LlavaNextProcessor returns them. The runners pass
+    pixel_values as the crops (crops, 3, 336, 336): get_image_features takes that stacked 4-D form as it
+    is, and the processor's (1, crops, 3, 336, 336) as the same crops."""
+    import torch
+
+    return {"image_sizes": torch.tensor([inp.layout.original], dtype=torch.long, device=ids.device)}  # (1, 2)
+
+
+LLAVA_NEXT = BenchFamily(
+    inputs=_next_inputs,
+    engine_request=lambda inp: {"input_ids": inp.ids, "image": inp.image},  # the engine derives the crops
+    hf_kwargs=_next_hf,
+    dart_kwargs=lambda model, inp, ids: {"image_kwargs": _next_hf(model, inp, ids)},  # to get_image_features
+    flop_shape=lambda shape, inp: shape.with_crops(inp.pixels.shape[0], inp.span[1]),
+    image_size=NEXT_IMAGE_SIZE,
+)
+
+
+FAMILIES: dict[str, BenchFamily] = {"llava": LLAVA, "qwen2_vl": QWEN2_VL, "llava_next": LLAVA_NEXT}
 
 
 def for_family(name: str) -> BenchFamily:

@@ -9,7 +9,8 @@ that serves prefill and decode:
     inputs:  inputs_embeds (B, S, D), position_ids (B, S) or (3, B, S) as the adapter declares,
              span_start, span_len, quota (int64 []),
              past KV of layers < K (B, Hkv, P_full, dh) and of layers >= K (B, Hkv, P_kept, dh)
-    outputs: logits of the last token (B, V), present KV (same two groups), kept positions (B, S')
+    outputs: logits of the last token (B, V), present KV (same two groups), kept positions (B, S'),
+             image pivots (B, max(pivots_image, 1)): sequence indices, best first, -1 in unused slots
 
 At the input of layer K, `torch.ops.dart.prune` picks the kept tokens from layer K-1's output
 (through the final RMSNorm) and its post-RoPE keys; hidden states and position embeddings are
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 import dart_ops.torch_op  # noqa: F401  (registers torch.ops.dart.prune)
+from dart_ops.reference import pivot_scores
 from dart_ops.text_adapter import TextAdapter, for_model
 
 
@@ -55,6 +57,22 @@ def causal_mask(q_len: int, past_len: int, dtype: torch.dtype, device) -> torch.
     blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=device)
     zero = torch.zeros((), dtype=dtype, device=device)
     return torch.where(k <= q, zero, blocked)[None, None]
+
+
+def image_pivots(keys: torch.Tensor, span_start: torch.Tensor, span_len: torch.Tensor, k: int) -> torch.Tensor:
+    """The image pivots DartPrune picks, as an output for the kept-token picture: sequence indices of
+    the `k` best pivot scores inside the span [span_start, span_start + span_len), best first
+    (B, k); -1 in slots past the span's length. A constant-K TopK over scores padded with k -inf
+    entries, so it runs at any S (a decode step's S is 1). Equal to dart_ops.reference's image pivots
+    except on exactly tied scores (TopK's tie order is the backend's)."""
+    scores = pivot_scores(keys)  # (B, S)
+    B, S = scores.shape
+    pos = torch.arange(S, device=scores.device)  # (S,)
+    inside = (pos >= span_start) & (pos < span_start + span_len)  # (S,)
+    scores = torch.where(inside, scores, torch.full_like(scores, float("-inf")))
+    padded = torch.cat([scores, scores.new_full((B, k), float("-inf"))], dim=1)  # (B, S + k)
+    best, idx = torch.topk(padded, k, dim=1)  # (B, k)
+    return torch.where(best > float("-inf"), idx, torch.full_like(idx, -1))
 
 
 class DartDecoder(nn.Module):
@@ -136,6 +154,7 @@ class DartDecoder(nn.Module):
         keep = torch.ops.dart.prune(
             self.norm(h), keys, span_start, span_len, quota, self.pivots_image, self.pivots_text
         )  # (B, S')
+        pivots = image_pivots(keys, span_start, span_len, max(self.pivots_image, 1))  # (B, P)
         h = torch.gather(h, 1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, S', D)
         cos_sin = text.gather_positions(cos_sin, keep)  # (B, S', dh) each, original positions
         kept_positions = text.kept_positions(position_ids, keep)  # (B, S')
@@ -145,7 +164,7 @@ class DartDecoder(nn.Module):
         h = self._run_layers(h, cos_sin, mask, self.layers[K:], high)
 
         logits = self.lm_head(self.norm(h[:, -1]))  # (B, V)
-        return logits, low.present, high.present, kept_positions
+        return logits, low.present, high.present, kept_positions, pivots
 
     def empty_past(self, batch: int, dtype: torch.dtype, device=None):
         """Zero-length past KV for both groups (what a prefill step passes)."""
@@ -161,7 +180,7 @@ class FlatDecoder(nn.Module):
 
     forward(inputs_embeds, position_ids, span_start, span_len, quota, past) where `past` is
     (key_0, value_0, key_1, value_1, ...) over all layers (layers < K hold P_full entries, layers
-    >= K hold P_kept) and returns (logits, *present in the same order, kept_positions).
+    >= K hold P_kept) and returns (logits, *present in the same order, kept_positions, image_pivots).
     """
 
     def __init__(self, decoder: DartDecoder):
@@ -172,7 +191,10 @@ class FlatDecoder(nn.Module):
         return ["inputs_embeds", "position_ids", "span_start", "span_len", "quota"] + self._kv("past")
 
     def output_names(self) -> list[str]:
-        return ["logits"] + self._kv("present") + ["kept_positions"]
+        return ["logits"] + self.present_names() + ["kept_positions", "image_pivots"]
+
+    def present_names(self) -> list[str]:
+        return self._kv("present")
 
     def _kv(self, prefix: str) -> list[str]:
         return [f"{prefix}_{kind}_{i}" for i in range(self.decoder.num_layers) for kind in ("key", "value")]
@@ -180,7 +202,7 @@ class FlatDecoder(nn.Module):
     def forward(self, inputs_embeds, position_ids, span_start, span_len, quota, past):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.decoder.num_layers)]
         K = self.decoder.layer
-        logits, low, high, kept = self.decoder(
+        logits, low, high, kept, pivots = self.decoder(
             inputs_embeds, position_ids, span_start, span_len, quota, pairs[:K], pairs[K:]
         )
-        return (logits, *[t for kv in low + high for t in kv], kept)
+        return (logits, *[t for kv in low + high for t in kv], kept, pivots)

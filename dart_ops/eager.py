@@ -139,7 +139,7 @@ class EagerDart:
         past_low, past_high = self.decoder.empty_past(B, dtype, embeds.device)
         if position_ids is None:
             position_ids = self.text.positions(torch.arange(S, device=embeds.device).expand(B, S))
-        logits, past_low, past_high, kept = self.decoder(
+        logits, past_low, past_high, kept, _ = self.decoder(
             embeds, position_ids, _scalar(a), _scalar(span_len), _scalar(counts.quota), past_low, past_high
         )
         first_logits = logits
@@ -159,7 +159,7 @@ class EagerDart:
             if step == max_new_tokens - 1:
                 break
             pos = torch.full((B, 1), S + step + rope_delta, dtype=torch.long, device=embeds.device)
-            logits, past_low, past_high, _ = self.decoder(
+            logits, past_low, past_high, *_ = self.decoder(
                 embed_tokens(nxt[:, None]), self.text.positions(pos), _scalar(0), _scalar(0), _scalar(0),
                 past_low, past_high,
             )

@@ -22,11 +22,17 @@ Stdlib only. Conventions (state them with every number you quote):
   The exported padded-window graph computes Wn full windows of (window/patch)^2 slots instead; that
   padding is not counted. Everything is exact against torch's FlopCounterMode on transformers'
   modules (tests/test_flops_qwen.py).
+- LLaVA-NeXT vision (AnyresVisionShape, one image as `crops` = 1 + gh*gw crops of the tower's size,
+  3 to 5 with the default pinpoints): LLaVA-1.5's tower + projector (a VisionShape) once per crop,
+  nothing else: packing the crop features into the image's L tokens (unpadding, the image_newline
+  rows) is a gather, 0 FLOPs. Exact against FlopCounterMode on transformers' LlavaNext modules
+  (tests/test_flops_llava_next.py).
 
 The shapes are plain numbers: `TextShape.from_config` reads any Hugging Face decoder config
 (Llama, Mistral, Qwen2, Qwen2-VL's text config: the standard keys), `VisionShape` describes a
 CLIP-style tower + projector (`VisionShape.from_llava_config` reads LLaVA's), `QwenVisionShape`
-a Qwen2-VL / Qwen2.5-VL tower + merger. A family combines them:
+a Qwen2-VL / Qwen2.5-VL tower + merger, `AnyresVisionShape` LLaVA-NeXT's per-crop tower. A family
+combines them:
 
     shape = ModelShape.from_llava_config(hf_config.to_dict())  # = ModelShape(vision, text) for LLaVA
     limit = speedup_limit(shape, seq=633, span_start=5, span_len=576, dart=DartConfig(keep_ratio=0.111))
@@ -35,6 +41,11 @@ A Qwen tower's cost depends on the image: bind the grid (in patches) before coun
 
     shape = ModelShape.from_qwen_config(config).with_grid(gh, gw)  # M = gh*gw/4 vision tokens
     limit = speedup_limit(shape, seq, span_start, span_len=shape.vision.tokens, dart=...)
+
+LLaVA-NeXT's likewise: bind the crop count and the packed token count L = 576 + h'(w'+1) of the image
+(runtime/llava_next_preprocess.py's layout), both set by the image's size,
+
+    shape = ModelShape.from_llava_next_config(config).with_crops(crops, tokens)  # 672 x 672 px: 5, 2928
 """
 
 from __future__ import annotations
@@ -108,6 +119,47 @@ class VisionShape:
             channels=v.get("num_channels", 3), cls_token=True,
             keep_cls=config.get("vision_feature_select_strategy") == "full", feature_layers=n_features,
         )
+
+
+@dataclass(frozen=True)
+class AnyresVisionShape:
+    """LLaVA-NeXT's anyres vision: `tower` (a CLIP-style tower + projector on one crop of its image
+    size) run on each of the image's `crops` crops (the base image resized whole, then the gh x gw
+    tiles of the image fitted to its pinpoint); the packed features are the image's `image_tokens`
+    L = base tokens + h'(w' + 1) (rows of the unpadded crop map, each with an image_newline). Both
+    depend on the image: None until bound with with_crops."""
+
+    tower: VisionShape
+    crops: int | None = None
+    image_tokens: int | None = None  # L, the packed vision tokens the decoder gets
+
+    def __post_init__(self):
+        if (self.crops is None) != (self.image_tokens is None):
+            raise ValueError("bind the crop count and the image's vision tokens together (with_crops)")
+        if self.crops is not None and (self.crops < 1 or self.image_tokens < self.tower.tokens):
+            raise ValueError(f"{self.crops} crops giving {self.image_tokens} vision tokens: an image is at "
+                             f"least 1 crop and at least its base image's {self.tower.tokens} tokens")
+
+    def with_crops(self, crops: int, tokens: int) -> AnyresVisionShape:
+        """This tower on an image of `crops` crops that packs into `tokens` vision tokens
+        (runtime/llava_next_preprocess.py's layout: pixel_values [crops, 3, 336, 336], L tokens)."""
+        return replace(self, crops=crops, image_tokens=tokens)
+
+    def _bound(self) -> tuple[int, int]:
+        if self.crops is None:
+            raise ValueError("a LLaVA-NeXT tower's FLOPs depend on the image: bind its crops and vision "
+                             "tokens first (ModelShape.with_crops(crops, tokens))")
+        return self.crops, self.image_tokens
+
+    @property
+    def tokens(self) -> int:
+        """Vision tokens the image gives the decoder (after packing)."""
+        return self._bound()[1]
+
+    def flops(self) -> dict[str, int]:
+        """The tower + projector once per crop; packing (a gather) costs nothing."""
+        crops, _ = self._bound()
+        return {part: crops * n for part, n in self.tower.flops().items()}
 
 
 def _chunks(n: int, size: int) -> list[int]:
@@ -248,9 +300,10 @@ class TextShape:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """A VLM: its vision tower + projector (LLaVA's VisionShape or a QwenVisionShape) and its decoder."""
+    """A VLM: its vision tower + projector (LLaVA's VisionShape, a QwenVisionShape or LLaVA-NeXT's
+    AnyresVisionShape) and its decoder."""
 
-    vision: VisionShape | QwenVisionShape
+    vision: VisionShape | QwenVisionShape | AnyresVisionShape
     text: TextShape
 
     @classmethod
@@ -270,18 +323,37 @@ class ModelShape:
     def with_grid(self, gh: int, gw: int) -> ModelShape:
         """This model on an image of gh x gw patches (Qwen towers; LLaVA's has a fixed image size)."""
         if not isinstance(self.vision, QwenVisionShape):
-            raise TypeError(f"{type(self.vision).__name__} has a fixed image size; only a QwenVisionShape "
-                            "takes an image grid")
+            raise TypeError(f"{type(self.vision).__name__} takes no image grid (a fixed image size; LLaVA-NeXT: "
+                            "with_crops); only a QwenVisionShape takes an image grid")
         return replace(self, vision=self.vision.with_grid(gh, gw))
+
+    @classmethod
+    def from_llava_next_config(cls, config: dict) -> ModelShape:
+        """From a LlavaNextConfig as a dict (`config.to_dict()` or a checkpoint's config.json): each
+        crop's tower + projector as LLaVA-1.5's (the same keys), and the decoder. Crops and vision
+        tokens are unset: bind them with with_crops before counting."""
+        if config.get("vision_feature_select_strategy") == "full":
+            raise ValueError("LLaVA-NeXT with vision_feature_select_strategy 'full': the CLS feature does "
+                             "not fit the crops' patch maps it packs (transformers cannot run it either)")
+        vision = AnyresVisionShape(VisionShape.from_llava_config(config))
+        return cls(vision=vision, text=TextShape.from_config(config["text_config"]))
+
+    def with_crops(self, crops: int, tokens: int) -> ModelShape:
+        """This model on an image of `crops` crops packed into `tokens` vision tokens (LLaVA-NeXT)."""
+        if not isinstance(self.vision, AnyresVisionShape):
+            raise TypeError(f"{type(self.vision).__name__} does not tile images into crops; only an "
+                            "AnyresVisionShape (LLaVA-NeXT) takes a crop count")
+        return replace(self, vision=self.vision.with_crops(crops, tokens))
 
 
 def _mm(m: int, k: int, n: int) -> int:
     return 2 * m * k * n
 
 
-def vision_flops(v: VisionShape | QwenVisionShape) -> dict[str, int]:
-    """One image through the vision tower and the projector (Qwen: the merger), by part:
-    {"patch_embed", "layers", "projector"}. A QwenVisionShape needs its grid (with_grid)."""
+def vision_flops(v: VisionShape | QwenVisionShape | AnyresVisionShape) -> dict[str, int]:
+    """One image through the vision tower and the projector (Qwen: the merger; LLaVA-NeXT: both on
+    every crop), by part: {"patch_embed", "layers", "projector"}. A QwenVisionShape needs its grid
+    (with_grid), an AnyresVisionShape its crops and tokens (with_crops)."""
     return v.flops()
 
 

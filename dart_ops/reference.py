@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from dart_ops.spec import PIVOT_ORDERS, cpython_set_order, effective_counts
 
 
+def pivot_scores(keys: torch.Tensor) -> torch.Tensor:
+    """(..., S, F) keys -> (..., S) fp32 pivot scores: the L1 norm of each token's keys."""
+    return keys.float().abs().sum(-1)
+
+
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, largest first; ties go to the lower index."""
     return torch.sort(scores, descending=True, stable=True).indices[:k]
@@ -31,7 +36,7 @@ def _select_one(
     if not c.prune:
         return torch.arange(S, device=hidden.device)
 
-    scores = keys.float().abs().sum(-1)  # (S,) L1 norm of each token's keys
+    scores = pivot_scores(keys)  # (S,)
     image_pivots = (_top(scores[a : a + L], c.pivots_image) + a).tolist()
     text_pivots = (_top(scores[a + L :], c.pivots_text) + a + L).tolist()
     pivots = image_pivots + text_pivots  # canonical: image by score, then text by score

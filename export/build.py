@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -47,7 +48,7 @@ class BuildConfig:
     dart: DartConfig
     dtype: str = "fp32"
     opset: int = 18
-    max_seq: int = 2048
+    max_seq: int | None = None  # None: the family's default_max_seq (2048; LLaVA-NeXT 3584)
     max_context: int = 4096
     max_batch: int = 4
     validate: bool = True
@@ -77,7 +78,9 @@ def parse_args(argv=None) -> BuildConfig:
     o.add_argument("--out", "--engine-dir", dest="out", type=Path, default=None,
                    help="engine directory to write (default: engines/<model>)")
     o.add_argument("--opset", type=int, default=d["opset"], help=f"ONNX opset, {OPSETS[0]}..{OPSETS[1]}")
-    o.add_argument("--max-seq", type=int, default=d["max_seq"], help="longest prompt in tokens")
+    o.add_argument("--max-seq", type=int, default=d["max_seq"],
+                   help="longest prompt in tokens (default: the family's, 2048; LLaVA-NeXT 3584 for its up to "
+                        "2928 vision tokens per image)")
     o.add_argument("--max-context", type=int, default=d["max_context"], help="prompt + generated tokens")
     o.add_argument("--max-batch", type=int, default=d["max_batch"], help="largest batch")
     o.add_argument("--max-pixels", type=int, default=d["max_pixels"],
@@ -103,11 +106,11 @@ def parse_args(argv=None) -> BuildConfig:
     if not OPSETS[0] <= a.opset <= OPSETS[1]:
         p.error(f"--opset must be in [{OPSETS[0]}, {OPSETS[1]}] (17: DartPrune's body needs it; {OPSETS[1]}: the "
                 f"newest the exporter and TensorRT 10.3's parser both take), got {a.opset}")
-    for flag, value in (("--max-seq", a.max_seq), ("--max-context", a.max_context), ("--max-batch", a.max_batch),
+    for flag, value in (("--max-seq", a.max_seq or 1), ("--max-context", a.max_context), ("--max-batch", a.max_batch),
                         ("--max-pixels", a.max_pixels or 1)):
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
-    if a.max_seq > a.max_context:
+    if a.max_seq is not None and a.max_seq > a.max_context:
         p.error(f"--max-seq {a.max_seq} exceeds --max-context {a.max_context}")
     if a.quantize != "none" and a.target == "trt":
         p.error("--quantize writes ONNX Runtime's MatMulNBits, which TensorRT does not parse; for TensorRT "
@@ -115,6 +118,17 @@ def parse_args(argv=None) -> BuildConfig:
     out = a.out if a.out is not None else Path("engines") / Path(a.model.rstrip("/")).name
     return BuildConfig(a.model, out, dart, a.dtype, a.opset, a.max_seq, a.max_context, a.max_batch,
                        a.validate, a.dry_run, a.verbose, a.target, a.max_pixels, a.quantize)
+
+
+def with_family_defaults(cfg: BuildConfig, family) -> BuildConfig:
+    """`cfg` with what the user left to the family filled in (--max-seq); BuildError when the family's
+    default does not fit the --max-context given."""
+    if cfg.max_seq is not None:
+        return cfg
+    if family.default_max_seq > cfg.max_context:
+        raise BuildError(f"{family.name}'s default --max-seq {family.default_max_seq} exceeds --max-context "
+                         f"{cfg.max_context}; raise --max-context or give a smaller --max-seq")
+    return dataclasses.replace(cfg, max_seq=family.default_max_seq)
 
 
 def check_sizes(cfg: BuildConfig, n_vision: int) -> None:
@@ -133,6 +147,7 @@ def build(cfg: BuildConfig) -> Manifest | None:
     from export import families
 
     family = families.resolve(cfg.model)
+    cfg = with_family_defaults(cfg, family)
     check_sizes(cfg, family.vision_tokens(cfg.model))
     if cfg.dry_run:
         return None
@@ -286,6 +301,7 @@ def main(argv=None) -> int:
     handle_sigterm()
     try:
         family = families.resolve(cfg.model)
+        cfg = with_family_defaults(cfg, family)
         n_vision = family.vision_tokens(cfg.model)
         check_sizes(cfg, n_vision)
         log.info("%s (%s): K=%d, pivots %d+%d, keep ratio %g: %s; %s, opset %d, max seq %d, context %d -> %s",

@@ -53,9 +53,9 @@ def text_decls(flat, dims: dict, dtype: str) -> dict[str, StageDecl]:
     D, H, hd, V = dims["hidden_size"], dims["num_kv_heads"], dims["head_dim"], dims["vocab_size"]
     K = flat.decoder.layer
     past = lambda i: "past_full" if i // 2 < K else "past_kept"  # noqa: E731  (KV in pairs: layer i // 2)
-    names_in, names_out = flat.input_names(), flat.output_names()
+    names_in, names_present = flat.input_names(), flat.present_names()
     kv_past = [T(n, dtype, ("batch", H, past(i), hd)) for i, n in enumerate(names_in[5:])]
-    kv_present = [T(n, dtype, ("batch", H, "seq + " + past(i), hd)) for i, n in enumerate(names_out[1:-1])]
+    kv_present = [T(n, dtype, ("batch", H, "seq + " + past(i), hd)) for i, n in enumerate(names_present)]
     positions = tuple(flat.decoder.text.position_shape)
     return {
         "embed_tokens": StageDecl("embed_tokens", "embed_tokens.onnx",
@@ -66,7 +66,8 @@ def text_decls(flat, dims: dict, dtype: str) -> dict[str, StageDecl]:
                                      T("position_ids", "int64", positions, example="positions"),
                                      *(T(n, "int64", (), values=n) for n in VALUE_AXES), *kv_past),
                              outputs=(T("logits", dtype, ("batch", V)), *kv_present,
-                                      T("kept_positions", "int64", ("batch", "kept")))),
+                                      T("kept_positions", "int64", ("batch", "kept")),
+                                      T("image_pivots", "int64", ("batch", max(flat.decoder.pivots_image, 1))))),
     }
 
 

@@ -106,12 +106,13 @@ def validate(out: Path, modules: dict, decls: dict, examples, dims: dict, counts
         feeds = {n: t.numpy() for n, t in zip(names_in, [*step_inputs, *past])}
         got = sess.run(None, feeds)
         _compare_decoder(names_out, got, want, tol, where, ref)
+        present = tuple(want[1:1 + len(flat.present_names())])  # the KV the decode step continues from
 
         step = [(torch.randn(1, 1, dims["hidden_size"], generator=g) * 0.5).to(dtype), _positions(flat, torch.tensor([S])),
                 torch.tensor(0), torch.tensor(0), torch.tensor(0)]
-        want2 = flat(*step, tuple(want[1:-1]))
-        ref2 = ref_of("decoder", *up(step), tuple(up(want[1:-1])))
-        feeds = {n: t.numpy() for n, t in zip(names_in, [*step, *want[1:-1]])}
+        want2 = flat(*step, present)
+        ref2 = ref_of("decoder", *up(step), tuple(up(present)))
+        feeds = {n: t.numpy() for n, t in zip(names_in, [*step, *present])}
         got2 = sess.run(None, feeds)
         _compare_decoder(names_out, got2, want2, tol, f"decode step at position {S}", ref2)
     log.info("validate: all stages match eager PyTorch (tolerance %g)", tol)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from runtime.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,9 @@ class GenerateOutput:
                     max_context - prompt_tokens).
     keep_ratio:     the ratio used (None when the request gave keep_tokens).
     first_logits:   (V,) float32 logits of the prefill step (what chose the first new token).
+    image_pivots:   SEQUENCE indices of the image pivots DART chose (best first; empty when it did
+                    not prune or the engine predates the output).
+    view:           what kept_image() draws (None for a text-only prompt or pixel_values input).
     """
 
     token_ids: list[int]
@@ -32,6 +38,37 @@ class GenerateOutput:
     timings: dict[str, float]
     keep_ratio: float | None
     first_logits: np.ndarray | None = None
+    image_pivots: list[int] = field(default_factory=list)
+    view: KeptView | None = field(default=None, repr=False)
+
+    def kept_image(self, max_side: int = 768):
+        """The input image with the regions of pruned vision tokens dimmed and the image pivots
+        outlined, one panel per token grid of the family, and a caption (PIL.Image.Image, RGB;
+        runtime/kept_image.py). InputError when the request had no image to draw on."""
+        if self.view is None:
+            raise InputError("nothing to draw: the request had no image (or gave pixel_values, which carry no "
+                             "original image); pass image=")
+        return self.view.render(max_side)
+
+
+@dataclass(frozen=True)
+class KeptView:
+    """One request's picture inputs: the RGB image, its token regions (a callable returning
+    runtime.kept_image.Panel objects, evaluated only when drawn), the image span (start, L), the kept
+    sequence indices, the image pivots' sequence indices, and the caption."""
+
+    image: Any
+    regions: Callable[[], list]
+    span: tuple[int, int]
+    kept: list[int]
+    pivots: list[int]
+    caption: str
+
+    def render(self, max_side: int = 768):
+        from runtime.kept_image import masks, render
+
+        kept, pivots = masks(self.span[1], self.span[0], self.kept, self.pivots)
+        return render(self.image, self.regions(), kept, pivots, self.caption, max_side=max_side)
 
 
 def cap_new_tokens(max_new_tokens: int, prompt_tokens: int, max_context: int) -> int:

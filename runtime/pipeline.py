@@ -36,7 +36,7 @@ from runtime.engine_checks import check_graphs
 from runtime.errors import EngineError, InputError
 from runtime.families import VisionInput, as_array, np_dtype, rules_for
 from runtime.manifest import Manifest
-from runtime.output import GenerateOutput, Streamer, cap_new_tokens
+from runtime.output import GenerateOutput, KeptView, Streamer, cap_new_tokens
 from runtime.output import Streamer as _Streamer  # noqa: F401  (its old name here)
 from runtime.preprocess import ImageLike
 from runtime.prompt import PromptBuilder
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DECODER_INPUTS = ("inputs_embeds", "position_ids", "span_start", "span_len", "quota")
 DECODER_OUTPUTS = ("logits", "kept_positions")
+PIVOTS_OUTPUT = "image_pivots"  # (1, P) sequence indices of the image pivots, -1 unused (engines since issue 13)
 
 
 def _scalar(v: int) -> np.ndarray:
@@ -111,7 +112,8 @@ class Pipeline:
         """The decoder's calls for one generation: present KV -> next past KV, logits and kept
         positions back as numpy (bound to the backend unless kv_binding is False)."""
         carry = {self.present_for[n]: n for n in self.past_names}
-        return kv_loop(self.decoder, carry, DECODER_OUTPUTS, bound=self.kv_binding)
+        fetch = DECODER_OUTPUTS + ((PIVOTS_OUTPUT,) if PIVOTS_OUTPUT in self.decoder.output_names else ())
+        return kv_loop(self.decoder, carry, fetch, bound=self.kv_binding)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.embed.run({self.ids_name: ids})[self.embeds_name]
@@ -214,9 +216,10 @@ class Pipeline:
         })
         _finite(out["logits"], "decoder", "logits (prefill)")
         kept = self.rules.kept_indices(out["kept_positions"][0], prompt.positions)
+        pivots = _pivots(out.get(PIVOTS_OUTPUT), prompt, kept)
         t3 = time.perf_counter()
         return State(prompt, loop, out["logits"][0], kept, loop.kv_bytes(), vision_s=t1 - t0, embed_s=t2 - t1,
-                     prefill_s=t3 - t2)
+                     prefill_s=t3 - t2, pivots=pivots)
 
     def decode_step(self, state: State, token: int) -> np.ndarray:
         """Feed `token` at the next decode position; returns (and keeps in state) the logits (V,)."""
@@ -295,7 +298,34 @@ class Pipeline:
         log.info("generate: S=%d, span [%d, %d), %s -> T=%d, kept %d; %d new tokens", len(p.ids), p.span[0],
                  sum(p.span), f"ratio {p.ratio:.3f}" if p.ratio is not None else "keep_tokens",
                  p.counts.quota, len(state.kept), len(tokens))
-        return GenerateOutput(tokens, text, state.kept, timings, p.ratio, first_logits)
+        return GenerateOutput(tokens, text, state.kept, timings, p.ratio, first_logits, state.pivots,
+                              self._kept_view(p, state, keep_tokens))
+
+    def _kept_view(self, p: Prompt, state: State, keep_tokens: int | None) -> KeptView | None:
+        """What GenerateOutput.kept_image draws (None without an image to draw on)."""
+        if p.vision is None or p.vision.image is None or not p.spans or not hasattr(self.rules, "regions"):
+            return None
+        a, L = p.span
+        kept = sum(1 for i in state.kept if a <= i < a + L)
+        budget = f"ratio {p.ratio:.3f}" if p.ratio is not None else f"keep_tokens {keep_tokens}"
+        caption = (f"{budget}: kept {kept}/{L} vision tokens"
+                   + (f", {len(state.pivots)} image pivots outlined" if state.pivots else " (not pruned)"))
+        return KeptView(p.vision.image, lambda: self.rules.regions(p.vision), p.span, state.kept, state.pivots,
+                        caption)
+
+
+def _pivots(raw: np.ndarray | None, prompt: Prompt, kept: list[int]) -> list[int]:
+    """The image pivots' sequence indices from the decoder's image_pivots output (1, P): none when
+    DART did not prune (the output then names the span's best tokens, which chose nothing), and
+    only the first min(P, pivots_image) valid slots; EngineError unless they are kept span tokens."""
+    if raw is None or not prompt.span_len:
+        return []
+    a, L = prompt.span
+    pivots = [int(i) for i in raw[0][:prompt.counts.pivots_image] if i >= 0]
+    if any(not a <= i < a + L for i in pivots) or not set(pivots) <= set(kept):
+        raise EngineError(f"decoder returned image pivots {pivots} that are not kept tokens of the image span "
+                          f"[{a}, {a + L}); the engine is corrupt: re-export")
+    return pivots
 
 
 def _spec_dtype(stage, name: str, default: str) -> str:

@@ -34,6 +34,8 @@ EPILOG = """\
 examples:
   python -m runtime.run --engine-dir engines/llava-tiny --image cat.jpg --prompt "What is in the picture?"
   python -m runtime.run --engine-dir engines/llava-tiny --image cat.jpg --prompt "Describe it." --ratio 1.0
+  python -m runtime.run --engine-dir engines/llava-tiny --image cat.jpg --prompt "Describe it." \
+      --show-kept kept.png   # the image with pruned regions dimmed and the image pivots outlined
   python -m runtime.run --engine-dir engines/llava --image cat.jpg --prompt "Describe it." \\
       --temperature 0.7 --top-p 0.9 --seed 0 --provider cuda --json
 
@@ -57,6 +59,7 @@ class RunConfig:
     threads: int | None = None
     json: bool = False
     verbose: bool = False
+    show_kept: Path | None = None  # write the kept-token picture here (PNG / JPEG)
 
 
 MAX_THREADS = 1024  # more intra-op threads than this is a typo; refused before ONNX Runtime builds a pool
@@ -132,17 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", action="store_true", default=d["json"],
                      help="print one JSON object (token_ids, text, kept_positions, timings, keep_ratio, "
                           "keep_tokens, precision: each stage's weight precision)")
+    out.add_argument("--show-kept", type=Path, default=d["show_kept"], metavar="PATH",
+                     help="also write the image with the regions of pruned vision tokens dimmed and the image "
+                          "pivots outlined, with a caption (ratio, kept/total vision tokens), to PATH (.png or "
+                          ".jpg; needs --image)")
     out.add_argument("-v", "--verbose", action="store_true", default=d["verbose"],
                      help="log progress; tracebacks on errors")
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.show_kept is not None:
+        if a.image is None:
+            p.error("--show-kept needs --image (it draws on the input image)")
+        from runtime.kept_image import path_problem
+
+        problem = path_problem(a.show_kept)
+        if problem:
+            p.error(f"--show-kept {a.show_kept}: {problem}")
     return RunConfig(
         engine_dir=a.engine_dir, prompt=a.prompt, image=a.image, ratio=a.ratio, keep_tokens=a.keep_tokens,
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-        provider=a.provider, threads=a.threads, json=a.json, verbose=a.verbose,
+        provider=a.provider, threads=a.threads, json=a.json, verbose=a.verbose, show_kept=a.show_kept,
     )
 
 
@@ -182,6 +198,11 @@ def run(config: RunConfig):
         temperature=config.temperature, top_p=config.top_p, seed=config.seed,
         stream=None if config.json else write,
     )
+    if config.show_kept is not None:
+        from runtime.kept_image import save
+
+        save(out.kept_image(), config.show_kept)
+        log.info("kept-token picture -> %s", config.show_kept)
     return out, stage_precision(pipe.manifest)
 
 
@@ -189,7 +210,8 @@ def print_result(config: RunConfig, out, precision: dict[str, str] | None = None
     if config.json:
         print(json.dumps({"token_ids": out.token_ids, "text": out.text, "kept_positions": out.kept_positions,
                           "timings": out.timings, "keep_ratio": out.keep_ratio,
-                          "keep_tokens": config.keep_tokens, "precision": precision}))
+                          "image_pivots": out.image_pivots, "keep_tokens": config.keep_tokens,
+                          "precision": precision}))
     else:
         print()
         print(summary(out, precision), file=sys.stderr)

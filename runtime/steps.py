@@ -5,7 +5,7 @@ loop, the latest logits, the kept sequence indices) -> decode_step -> State."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -74,6 +74,7 @@ class State:
     vision_s: float = 0.0
     embed_s: float = 0.0
     prefill_s: float = 0.0
+    pivots: list[int] = field(default_factory=list)  # image pivots' sequence indices (none if not pruned)
 
 
 

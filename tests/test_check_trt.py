@@ -61,6 +61,7 @@ EXPECTED_WARNINGS = {
     ("decoder.onnx", "int64", "span_len"),
     ("decoder.onnx", "int64", "quota"),
     ("decoder.onnx", "int64", "kept_positions"),
+    ("decoder.onnx", "int64", "image_pivots"),
     # DartPrune's counts feed Slice/ConstantOfShape sizes: shape input tensors in TensorRT.
     ("decoder.onnx", "shape-input", "span_start"),
     ("decoder.onnx", "shape-input", "span_len"),
@@ -274,9 +275,9 @@ def test_cli_reports_the_tiny_engine(tiny_engine):
     engine_dir, _ = tiny_engine
     r = _cli(engine_dir)
     assert r.returncode == 0, r.stderr
-    assert re.search(r"^decoder\.onnx: OK, 8 warnings \(\d+ nodes after inlining\)$", r.stdout, re.MULTILINE)
+    assert re.search(r"^decoder\.onnx: OK, 9 warnings \(\d+ nodes after inlining\)$", r.stdout, re.MULTILINE)
     assert re.search(r"^vision_encoder\.onnx: OK \(\d+ nodes after inlining\)$", r.stdout, re.MULTILINE)
-    assert "0 error(s), 9 warning(s) in 3 graph(s)" in r.stdout
+    assert "0 error(s), 10 warning(s) in 3 graph(s)" in r.stdout
     assert r.stderr == ""
 
 
@@ -285,7 +286,7 @@ def test_cli_json(tiny_engine):
     r = _cli(engine_dir, "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["tensorrt"] == "10.3" and doc["errors"] == 0 and doc["warnings"] == 9
+    assert doc["tensorrt"] == "10.3" and doc["errors"] == 0 and doc["warnings"] == 10
     assert set(doc["graphs"]) == {"vision_encoder.onnx", "embed_tokens.onnx", "decoder.onnx"}
     assert {f["rule"] for f in doc["graphs"]["decoder.onnx"]["findings"]} == {"int64", "shape-input"}
 

@@ -128,7 +128,8 @@ def _flags(*names: str, **renamed: str) -> dict[str, str]:
 # Options whose help must show the dataclass default ({flag: field}); None defaults (explained in
 # words) and on/off flags show none.
 SHOWN = {
-    "build": (build.BuildConfig, _flags("dtype", "opset", "max_seq", "max_context", "max_batch", "target")),
+    # --max-seq: None, the family's default_max_seq (its help says so in words)
+    "build": (build.BuildConfig, _flags("dtype", "opset", "max_context", "max_batch", "target")),
     "trt": (trt.TrtConfig, {}),
     "check_trt": (check_trt.CheckConfig, {}),
     "run": (run.RunConfig, _flags("max_new_tokens", "temperature", "top_p", "provider")),
@@ -147,6 +148,7 @@ def test_help_shows_the_dataclass_defaults(name, capsys, monkeypatch):
         dart = DartConfig()
         want.update({"--ratio": "0.111", "--layer": "2", "--pivots-image": "4", "--pivots-text": "4"})
         assert (dart.keep_ratio, dart.layer, dart.pivots_image, dart.pivots_text) == (0.111, 2, 4, 4)
+        assert shown["--max-seq"].startswith("the family's, 2048; LLaVA-NeXT 3584")
     assert {flag: shown.get(flag) for flag in want} == want
     # None defaults are explained in words, never shown as "None"; on/off flags show nothing
     assert "None" not in shown.values() and "False" not in shown.values() and "True" not in shown.values()

@@ -768,7 +768,9 @@ def test_cli_answers(engine, photo, capsys):
     assert main(args + ["--json", "--ratio", "1.0"]) == 0
     obj = json.loads(capsys.readouterr().out)
     assert obj["keep_ratio"] == 1.0 and obj["kept_positions"] == list(range(14))
-    assert set(obj) == {"token_ids", "text", "kept_positions", "timings", "keep_ratio", "keep_tokens", "precision"}
+    assert set(obj) == {"token_ids", "text", "kept_positions", "timings", "keep_ratio", "keep_tokens", "precision",
+                        "image_pivots"}
+    assert obj["image_pivots"] == []  # ratio 1.0: nothing pruned, no pivots
     assert obj["precision"] == {"vision_encoder": "float32", "embed_tokens": "float32", "decoder": "float32"}
     assert obj["keep_tokens"] is None
     assert main(args + ["--image", str(photo.with_name("nope.png"))]) == 1

@@ -166,10 +166,10 @@ def test_unpruned_equals_hf_forward_prefill_and_decode(models, kind):
     nxt = torch.tensor([[7]])
     with torch.no_grad():
         low, high = dec.empty_past(1, torch.float32)
-        logits, low, high, kept = dec(text.embed(ids), pos, *_scalars(A, 0, 0), low, high)
+        logits, low, high, kept, _ = dec(text.embed(ids), pos, *_scalars(A, 0, 0), low, high)
         # decode one token at S + delta (all three rows for M-RoPE) on the prefill's cache
         step = text.positions(torch.tensor([[S + delta]]))
-        step_logits, low2, high2, _ = dec(text.embed(nxt), step, *_scalars(0, 0, 0), low, high)
+        step_logits, low2, high2, *_ = dec(text.embed(nxt), step, *_scalars(0, 0, 0), low, high)
     hf = _hf_logits(model, ids, pos)
     torch.testing.assert_close(logits, hf[:, -1], **TOL)
     assert kept.tolist() == [list(range(S))]
@@ -202,7 +202,7 @@ def test_pruned_keeps_reference_selection(models, kind, K, ratio):
     dec = DartDecoder(text, layer=K)
     with torch.no_grad():
         past = dec.empty_past(1, torch.float32)
-        _, low, high, kept = dec(text.embed(ids), pos, *_scalars(A, L, counts.quota), *past)
+        _, low, high, kept, _ = dec(text.embed(ids), pos, *_scalars(A, L, counts.quota), *past)
     hidden, keys = _hf_layer_states(model, ids, pos, K)
     want = select_keep(hidden[0], keys[0], A, L, counts.quota)
     assert kept[0].tolist() == want.tolist()
@@ -233,7 +233,7 @@ def test_pruned_tokens_keep_their_original_positions(models, kind):
     ids, pos, _ = _inputs(kind, seed=5)
     dec = DartDecoder(text, layer=2)
     with torch.no_grad():
-        logits, *_, kept = dec(text.embed(ids), pos, *_scalars(A, L, 3), *dec.empty_past(1, torch.float32))
+        logits, *_, kept, _ = dec(text.embed(ids), pos, *_scalars(A, L, 3), *dec.empty_past(1, torch.float32))
     keep = select_keep(*(x[0] for x in _hf_layer_states(model, ids, pos, 2)), A, L, 3)
     assert kept[0].tolist() == keep.tolist()
     torch.testing.assert_close(logits, _authors_style_logits(model, ids, pos, 2, keep), **TOL)
@@ -257,8 +257,9 @@ def test_mrope_with_equal_rows_equals_the_1d_stack(models):
             got3 = DartDecoder(three)(three.embed(ids), three.positions(pos), *_scalars(A, span_len, quota),
                                       *DartDecoder(three).empty_past(1, torch.float32))
         torch.testing.assert_close(got3[0], got1[0], atol=1e-6, rtol=1e-6)
-        assert torch.equal(got3[-1], got1[-1])  # kept indices
-    assert got1[-1].shape[1] == DartConfig(keep_ratio=0.333).counts(L, AFTER).kept_len(S)
+        assert torch.equal(got3[-2], got1[-2])  # kept indices
+        assert torch.equal(got3[-1], got1[-1])  # image pivots
+    assert got1[-2].shape[1] == DartConfig(keep_ratio=0.333).counts(L, AFTER).kept_len(S)
 
 
 # --- the eager baseline on a text stack -----------------------------------------------------------
@@ -419,13 +420,14 @@ def test_mrope_decoder_exports_with_one_dartprune_node_and_matches_eager():
                      "span_len": np.array(span), "quota": np.array(quota)}
             feeds.update({name: t.numpy() for name, t in zip(past_names, empty)})
             got = sess.run(None, feeds)
-            assert np.array_equal(got[-1], want[-1].numpy()), (span, quota)
+            assert np.array_equal(got[-2], want[-2].numpy()), (span, quota)  # kept indices
+            assert np.array_equal(got[-1], want[-1].numpy()), (span, quota)  # image pivots
             assert np.abs(got[0] - want[0].numpy()).max() < 1e-4, (span, quota)
         prefill = flat(emb, pos, torch.tensor(A), torch.tensor(L), torch.tensor(3), empty)
         step = (torch.randn(1, 1, hidden, generator=g), torch.full((3, 1, 1), S + delta), torch.tensor(0),
                 torch.tensor(0), torch.tensor(0))
-        want = flat(*step, tuple(prefill[1:-1]))
+        want = flat(*step, tuple(prefill[1:-2]))
         feeds = {name: t.numpy() for name, t in zip(flat.input_names(), step)}
-        feeds.update({name: t.numpy() for name, t in zip(past_names, prefill[1:-1])})
+        feeds.update({name: t.numpy() for name, t in zip(past_names, prefill[1:-2])})
         got = sess.run(None, feeds)
         assert np.abs(got[0] - want[0].numpy()).max() < 1e-4

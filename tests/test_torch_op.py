@@ -124,17 +124,36 @@ def test_decoder_onnx_matches_eager_prefill_and_decode(tiny_llava, tiny_decoder_
                      "span_start": np.array(a), "span_len": np.array(span_len), "quota": np.array(T)}
             feeds.update({n: t.numpy() for n, t in zip(dec.input_names()[5:], empty)})
             got = sess.run(None, feeds)
-            np.testing.assert_array_equal(got[-1], want[-1].numpy())  # kept positions, exact
+            np.testing.assert_array_equal(got[-2], want[-2].numpy())  # kept positions, exact
+            np.testing.assert_array_equal(got[-1], want[-1].numpy())  # image pivots, exact
             np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-4, rtol=1e-4)  # logits
-            kept = want[-1].shape[1]
-            assert [t.shape[2] for t in got[1:-1]] == [S] * 4 + [kept] * 4  # ragged KV
+            kept = want[-2].shape[1]
+            assert [t.shape[2] for t in got[1:-2]] == [S] * 4 + [kept] * 4  # ragged KV
+            if span_len:  # the image pivots are kept, and are the reference's
+                assert set(got[-1][0].tolist()) <= set(got[-2][0].tolist())
 
         # decode one token at position S on the cache of the last pruned prefill (T=8)
         want_pf = dec(emb, pos, *_scalars(a, L, 8), empty)
         step = (torch.randn(1, 1, D, generator=g), torch.tensor([[S]]), *_scalars(0, 0, 0))
-        want = dec(*step, tuple(want_pf[1:-1]))
+        want = dec(*step, tuple(want_pf[1:-2]))
         feeds = {n: t.numpy() for n, t in zip(dec.input_names(), step)}
-        feeds.update({n: t.numpy() for n, t in zip(dec.input_names()[5:], want_pf[1:-1])})
+        feeds.update({n: t.numpy() for n, t in zip(dec.input_names()[5:], want_pf[1:-2])})
         got = sess.run(None, feeds)
         np.testing.assert_allclose(got[0], want[0].numpy(), atol=1e-4, rtol=1e-4)
-        assert got[-1].tolist() == [[S]]
+        assert got[-2].tolist() == [[S]]
+        assert got[-1].tolist() == [[-1] * 4]  # no span in a decode step: no pivots
+
+
+@pytest.mark.parametrize("S, a, L, k", [(40, 5, 30, 4), (40, 5, 3, 4), (12, 0, 11, 1), (1, 0, 0, 4)])
+def test_image_pivots_are_the_references(S, a, L, k):
+    """The decoder's image_pivots output: the reference's image pivots (the k best L1 key norms in the
+    span, best first, as sequence indices); slots past a span shorter than k hold -1 (a decode step's
+    empty span: all -1)."""
+    from dart_ops.decoder import image_pivots
+    from dart_ops.reference import _top, pivot_scores
+
+    keys = torch.randn(2, S, 24, generator=torch.Generator().manual_seed(S + L))
+    got = image_pivots(keys, torch.tensor(a), torch.tensor(L), k)  # (2, k)
+    for b in range(2):
+        want = (_top(pivot_scores(keys[b])[a:a + L], min(k, L)) + a).tolist()
+        assert got[b].tolist() == want + [-1] * (k - len(want))

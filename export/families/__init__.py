@@ -56,6 +56,8 @@ class Family:
     # pixel_values [images, 3, H, W] (tests/test_end_to_end.py's parity tests apply); False:
     # dynamic resolution (Qwen2-VL), whose parity tests live in the family's own test file.
     fixed_resolution: bool = True
+    # export.build's --max-seq when not given: room for the longest image's tokens plus text.
+    default_max_seq: int = 2048
 
     def tiny(self) -> tuple[str, ...]:
         return self.tiny_presets or (f"{self.name}-tiny",)
@@ -191,4 +193,4 @@ def resolve(model: str) -> Family:
 
 
 def _import_all() -> None:
-    from export.families import llava, qwen2_vl  # noqa: F401  (register themselves)
+    from export.families import llava, llava_next, qwen2_vl  # noqa: F401  (register themselves)

@@ -8,6 +8,7 @@
     pos = rules.positions(ids, spans, vision)            # prefill position ids, decode start
     rules.decode_positions(pos.decode_start + t)         # decode step t
     rules.kept_indices(kept_positions, pos)              # the decoder's kept output -> sequence indices
+    rules.regions(vision)                                # runtime.kept_image.Panel list: token -> image area
 
 One module per family registers its rules class with @register("name"). What the next families
 need (../shared/notes/families.md): Qwen2-VL's positions are [3, B, S] with decode at
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,11 +37,16 @@ class VisionInput:
 
     feeds:  the vision graph's inputs by name (LLaVA-1.5: pixel_values (1, 3, H, W)).
     tokens: vision tokens each image becomes in the prompt, in order (LLaVA-1.5: (image_seq_len,)).
-    grids:  each image's patch grid (gh, gw), for families whose positions depend on it (Qwen)."""
+    grids:  each image's patch grid (gh, gw), for families whose positions depend on it (Qwen).
+    image:  the RGB PIL image the feeds come from (None for pixel_values given directly): what the
+            kept-token picture draws on.
+    layout: the family's geometry of that image (what its `regions` maps tokens to image areas with)."""
 
     feeds: dict[str, np.ndarray]
     tokens: tuple[int, ...]
     grids: tuple[tuple[int, int], ...] = ()
+    image: Any = None
+    layout: Any = None
 
 
 @dataclass(frozen=True)
@@ -127,4 +134,4 @@ def rules_for(manifest, prompt):
     return rules_class(manifest.family)(manifest, prompt)
 
 
-from runtime.families import llava, qwen2_vl  # noqa: F401, E402  (registers the built-in families)
+from runtime.families import llava, llava_next, qwen2_vl  # noqa: F401, E402  (registers the built-in families)

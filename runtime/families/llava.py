@@ -21,7 +21,7 @@ from runtime.families import (
     register,
 )
 from runtime.manifest import EXPORT_HINT, PreprocessSpec
-from runtime.preprocess import ImageLike, preprocess
+from runtime.preprocess import ImageLike, load_image, preprocess
 from runtime.prompt import PromptBuilder, find_span
 
 
@@ -39,16 +39,24 @@ class LlavaRules:
 
     def vision_inputs(self, image: ImageLike | None, pixel_values) -> VisionInput | None:
         """The vision graph's feeds for `image` (preprocessed here) or checked `pixel_values`."""
-        pixels = self._pixels(image, pixel_values)
-        if pixels is None:
-            return None
-        return VisionInput({self.pixel_name: pixels}, (self.manifest.tokens.image_seq_len,))
-
-    def _pixels(self, image, pixel_values) -> np.ndarray | None:
         if image is not None and pixel_values is not None:
             raise InputError("give either image or pixel_values, not both")
+        tokens = (self.manifest.tokens.image_seq_len,)
         if image is not None:
-            return preprocess(image, self.manifest.preprocess).astype(self.pixel_dtype, copy=False)
+            im = load_image(image)
+            pixels = preprocess(im, self.manifest.preprocess).astype(self.pixel_dtype, copy=False)
+            return VisionInput({self.pixel_name: pixels}, tokens, image=im, layout=im.size)
+        pixels = self._pixels(pixel_values)
+        return None if pixels is None else VisionInput({self.pixel_name: pixels}, tokens)
+
+    def regions(self, vision: VisionInput) -> list:
+        """The image_size / patch grid over the processed square, in the input image's pixels."""
+        from runtime.kept_image import llava_panels
+
+        grid = int(round(self.manifest.tokens.image_seq_len ** 0.5))
+        return llava_panels(self.manifest.preprocess, *vision.layout, grid=grid)
+
+    def _pixels(self, pixel_values) -> np.ndarray | None:
         if pixel_values is None:
             return None
         size = self.manifest.preprocess.image_size

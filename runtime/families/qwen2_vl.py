@@ -23,7 +23,7 @@ import numpy as np
 from runtime.errors import EngineError, InputError
 from runtime.families import Positions, Span, VisionInput, np_dtype, place_features, register
 from runtime.manifest import EXPORT_HINT, register_preprocess
-from runtime.preprocess import ImageLike
+from runtime.preprocess import ImageLike, load_image
 from runtime.prompt import PromptBuilder, expand_image_tokens, find_span
 from runtime.qwen_preprocess import QwenPreprocessSpec, decode_positions, mrope_positions, preprocess
 from runtime.qwen_vision import QwenVisionConfig, vision_inputs
@@ -85,7 +85,8 @@ class QwenRules:
                              "pixel_values= is for fixed-size engines")
         if image is None:
             return None
-        pixels, (gh, gw) = preprocess(image, self.spec.image)  # (N, 1176), grid in patches
+        im = load_image(image)
+        pixels, (gh, gw) = preprocess(im, self.spec.image)  # (N, 1176), grid in patches
         L = gh * gw // self.spec.image.merge ** 2
         if L > self.max_tokens:  # the processor caps max_pixels; the engine was exported for fewer
             raise InputError(f"the image gives {L} vision tokens, more than this engine's {self.max_tokens}")
@@ -94,7 +95,15 @@ class QwenRules:
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise EngineError(f"vision_encoder takes inputs {missing} this runtime does not compute; re-export")
-        return VisionInput({n: feeds[n] for n in self.input_names}, (L,), grids=((gh, gw),))
+        return VisionInput({n: feeds[n] for n in self.input_names}, (L,), grids=((gh, gw),), image=im,
+                           layout=im.size)
+
+    def regions(self, vision: VisionInput) -> list:
+        """28 x 28 px merged patches over the resized image, in the input image's pixels."""
+        from runtime.kept_image import qwen_panels
+
+        (gh, gw), patch = vision.grids[0], self.spec.image.patch
+        return qwen_panels(*vision.layout, (gh * patch, gw * patch), (gh, gw), self.spec.image.merge)
 
     def prompt_ids(self, text: str | None, ids: list[int] | None, vision: VisionInput | None) -> list[int]:
         """The chat template around `text`, or checked `ids`; the one <|image_pad|> expanded to the
