@@ -141,9 +141,11 @@ HEADER = ["runtime", "keep", "tokens", "vision", "vision ms", "prefill ms", "(mi
 
 
 def _image(meta: dict) -> str:
-    """", image W x H px = gh x gw patches" for families whose token count depends on the image."""
-    grid = meta.get("grid")
-    return f"; image {meta['image_size'][0]}x{meta['image_size'][1]} px = {grid[0]}x{grid[1]} patches" if grid else ""
+    """"; image W x H px = gh x gw patches" (Qwen) or "= N crops" (LLaVA-NeXT) for families whose token
+    count depends on the image."""
+    grid, crops = meta.get("grid"), meta.get("crops")
+    size = f"; image {meta['image_size'][0]}x{meta['image_size'][1]} px"
+    return f"{size} = {grid[0]}x{grid[1]} patches" if grid else f"{size} = {crops} crops" if crops else ""
 
 
 def format_table(rows, meta: dict, targets: list[dict]) -> str:

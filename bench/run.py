@@ -203,9 +203,12 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
     S, (a, L) = len(inputs.ids), inputs.span
     if uses_engine:
         _check_context(engine_dir, S, cfg.new_tokens)
+    crops = int(inputs.pixels.shape[0]) if getattr(inputs, "layout", None) is not None else None
+    layout_note = (f", grid {inputs.grid[0]}x{inputs.grid[1]} patches" if inputs.grid else
+                   f", {crops} crops" if crops else "")
     log.info("bench: %s, S=%d tokens (%d vision at %d; image %dx%d%s), %d new tokens, %d threads, %d+%d runs per "
-             "row", cfg.model, S, L, a, *inputs.image.size, f", grid {inputs.grid[0]}x{inputs.grid[1]} patches"
-             if inputs.grid else "", cfg.new_tokens, cfg.threads, cfg.warmup, cfg.repeats)
+             "row", cfg.model, S, L, a, *inputs.image.size, layout_note, cfg.new_tokens, cfg.threads, cfg.warmup,
+             cfg.repeats)
 
     ctx = Context(cfg, family, src.dart, eager_model, engine_dir, for_family(src.family), quantized)
     del eager_model, loaded  # ctx.model holds it until the eager rows are done
@@ -238,7 +241,7 @@ def run(cfg: BenchConfig, progress=None) -> tuple[list[Row], dict]:
         ]
     meta.update(model=cfg.model, engine_dir=str(engine_dir) if engine_dir else None, dtype=cfg.dtype,
                 prompt_tokens=S, vision_tokens=L, span_start=a, image_size=list(inputs.image.size),
-                grid=list(inputs.grid) if inputs.grid else None, new_tokens=cfg.new_tokens,
+                grid=list(inputs.grid) if inputs.grid else None, crops=crops, new_tokens=cfg.new_tokens,
                 repeats=cfg.repeats, warmup=cfg.warmup, dart=asdict(src.dart), shape=asdict(shape),
                 flops_full=flops.prefill_flops(shape, S, None, src.dart.layer)["total"],
                 peak_rss_scope="row" if rss_per_row else "process", ort_spin=cfg.ort_spin,

@@ -105,7 +105,7 @@ def validate(out: Path, modules: dict, decls: dict, examples, dims: dict, counts
         ref = ref_of("decoder", *up(step_inputs), tuple(up(past)))
         feeds = {n: t.numpy() for n, t in zip(names_in, [*step_inputs, *past])}
         got = sess.run(None, feeds)
-        _compare_decoder(names_out, got, want, tol, where, ref)
+        _compare_decoder(names_out, got, want, tol, where, ref, pruned_from=flat.decoder.layer)
         present = tuple(want[1:1 + len(flat.present_names())])  # the KV the decode step continues from
 
         step = [(torch.randn(1, 1, dims["hidden_size"], generator=g) * 0.5).to(dtype), _positions(flat, torch.tensor([S])),
@@ -130,10 +130,52 @@ def _positions(flat, pos: torch.Tensor) -> torch.Tensor:
     return pos.expand(3, 1, pos.numel()) if len(shape) == 3 else pos[None]
 
 
-def _compare_decoder(names, got, want, tol, where, ref=None):
-    for i, (name, g_, w) in enumerate(zip(names, got, want)):
+def _compare_decoder(names, got, want, tol, where, ref=None, pruned_from: int | None = None):
+    """Every decoder output vs eager (and the fp32 reference for fp16). The integer outputs (which
+    tokens DART kept) first: when they differ, that is the finding, not the KV computed from them.
+
+    fp16 prefill (`ref` given, `pruned_from` = K): rounding may flip DART's choice between candidates
+    whose cosine similarities differ by less than fp16 resolves (measured: 2 of 132 kept tokens of
+    a 1176-token span on llava-next-tiny). Then the kept count must still be equal and at most
+    max(2, 3 %) of the kept tokens may differ; the outputs computed from the kept tokens (logits, KV
+    of layers >= K) are not compared, the KV of layers < K is, and the decode step that follows is
+    compared in full (it continues from eager's cache)."""
+    order = sorted(range(len(names)), key=lambda i: want[i].dtype != torch.long)
+    flipped = False
+    for i in order:
+        name, g_, w = names[i], got[i], want[i]
+        if flipped and (name == "logits" or _layer(name) >= pruned_from):
+            continue
         w = w.numpy() if w.dtype == torch.long else w.float().numpy()
+        if name == "kept_positions" and ref is not None and pruned_from is not None:
+            flipped = _near_tie_flips(g_, w, where)
+            if flipped:
+                continue
         r = None if ref is None or w.dtype == np.int64 else ref[i].float().numpy()
         if r is not None and r.shape != w.shape:  # the fp32 reference kept other tokens: compare with eager only
             r = None
+        if flipped and name == "image_pivots":  # pivots are chosen before the harvest: still exact
+            r = None
         _close("decoder", name, g_ if g_.dtype == np.int64 else g_.astype(np.float32), w, tol, where, r)
+
+
+def _layer(name: str) -> int:
+    """The layer of a present_key_i / present_value_i output (-1 for the others)."""
+    return int(name.rsplit("_", 1)[1]) if name.startswith("present_") else -1
+
+
+def _near_tie_flips(got: np.ndarray, want: np.ndarray, where: str) -> bool:
+    """True when fp16 kept a few other tokens than eager fp16 (allowed, logged); False when equal;
+    ValidationError when the count differs or more than max(2, 3 %) of the kept tokens do."""
+    if np.array_equal(got, want):
+        return False
+    if got.shape != want.shape:
+        raise ValidationError(f"decoder: kept_positions has shape {got.shape}, eager gives {want.shape} ({where})")
+    flips = len(set(got.ravel().tolist()) - set(want.ravel().tolist()))
+    allowed = max(2, int(0.03 * want.size))
+    if flips > allowed:
+        raise ValidationError(f"decoder: fp16 kept {flips} of {want.size} tokens other than eager fp16 (allowed "
+                              f"{allowed} near-tie flips) ({where})")
+    log.warning("validate: fp16 DART kept %d of %d tokens other than eager fp16 (near-equal similarities); the "
+                "outputs computed from them are not compared (%s)", flips, want.size, where)
+    return True

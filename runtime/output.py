@@ -55,7 +55,7 @@ class GenerateOutput:
 class KeptView:
     """One request's picture inputs: the RGB image, its token regions (a callable returning
     runtime.kept_image.Panel objects, evaluated only when drawn), the image span (start, L), the kept
-    sequence indices, the image pivots' sequence indices, and the caption."""
+    sequence indices, the image pivots' sequence indices, and the caption (render adds the pivots)."""
 
     image: Any
     regions: Callable[[], list]
@@ -68,7 +68,14 @@ class KeptView:
         from runtime.kept_image import masks, render
 
         kept, pivots = masks(self.span[1], self.span[0], self.kept, self.pivots)
-        return render(self.image, self.regions(), kept, pivots, self.caption, max_side=max_side)
+        panels = self.regions()
+        drawn = {int(t) for p in panels for t in p.tokens}
+        hidden = sum(1 for i in self.pivots if i - self.span[0] not in drawn)
+        caption = self.caption
+        if self.pivots:
+            caption += f", {len(self.pivots) - hidden} image pivots outlined"
+            caption += f" ({hidden} more on tokens without a region: newline tokens)" if hidden else ""
+        return render(self.image, panels, kept, pivots, caption, max_side=max_side)
 
 
 def cap_new_tokens(max_new_tokens: int, prompt_tokens: int, max_context: int) -> int:

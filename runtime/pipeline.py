@@ -308,8 +308,7 @@ class Pipeline:
         a, L = p.span
         kept = sum(1 for i in state.kept if a <= i < a + L)
         budget = f"ratio {p.ratio:.3f}" if p.ratio is not None else f"keep_tokens {keep_tokens}"
-        caption = (f"{budget}: kept {kept}/{L} vision tokens"
-                   + (f", {len(state.pivots)} image pivots outlined" if state.pivots else " (not pruned)"))
+        caption = f"{budget}: kept {kept}/{L} vision tokens" + ("" if state.pivots else " (not pruned)")
         return KeptView(p.vision.image, lambda: self.rules.regions(p.vision), p.span, state.kept, state.pivots,
                         caption)
 

@@ -31,6 +31,7 @@ EPILOG = """examples:
   python scripts/bench.py --engine-dir engines/llava              # an engine you exported (eager from its model)
   python scripts/bench.py --model llava-7b-shape --device cuda --dtype fp16 --runtimes eager-hf,eager-dart
   python scripts/bench.py --model qwen2.5-vl-bench --image-size 1092x728   # 1014 vision tokens (its default)
+  python scripts/bench.py --model llava-next-bench --ratios 1.0,0.111       # 2928 vision tokens, 324 kept
   python scripts/bench.py --runtimes ort,ort-int8,ort-int4 --ratios 1.0,0.111   # int8 / int4 vs fp32 engines
 
 prefill = time to first token from tokenised ids and preprocessed pixels (vision encoder + embedding +
@@ -106,7 +107,8 @@ def parse_args(argv=None) -> tuple[BenchConfig, argparse.Namespace]:
     r.add_argument("--image-size", type=_image_size, default=d["image_size"], metavar="WxH",
                    help="resize the image to W x H pixels first (untimed; 'native': as it is); default: the "
                         "family's (qwen2_vl: 1092x728, which gives 1014 vision tokens when the engine's max_pixels "
-                        "allows them; llava: as it is)")
+                        "allows them; llava_next: 672x672, 5 crops and 2928 vision tokens, the DART paper's 2880-token "
+                        "class; llava: as it is)")
     r.add_argument("--no-profile", dest="profile", action="store_false", default=d["profile"],
                    help="skip profiling DartPrune's share of the ort prefill (ONNX Runtime profiler)")
     r.add_argument("--no-kv-binding", dest="kv_binding", action="store_false", default=d["kv_binding"],

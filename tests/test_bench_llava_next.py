@@ -200,7 +200,8 @@ def test_rows_and_the_image_the_processor_sees(run, processor):
     assert (meta["image_size"], meta["vision_tokens"], meta["grid"]) == (list(NEXT_IMAGE_SIZE), L, None)
     assert meta["prompt_tokens"] == hf["input_ids"].shape[1]
     assert int((hf["input_ids"][0] == IMAGE_TOKEN_ID).sum()) == L
-    assert f"prompt {meta['prompt_tokens']} tokens ({L} vision), 4 new tokens" in proc.stdout
+    assert f"prompt {meta['prompt_tokens']} tokens ({L} vision; image 672x672 px = 5 crops), 4 new tokens" in proc.stdout
+    assert meta["crops"] == 5
     assert "ort vs eager-dart, same keep ratio" in proc.stdout
 
 

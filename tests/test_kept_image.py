@@ -157,7 +157,8 @@ def test_llava_next_panels_cover_base_and_tiles_once(w, h):
 def test_llava_next_tile_cells_match_the_preprocessing(w, h):
     """A white tile cell painted on black comes out of the NeXT preprocessing in that token's crop, at
     its 14 x 14 patch (map position (r, c): crop 1 + (r // 24) * gw + c // 24)."""
-    from runtime.llava_next_preprocess import NextPreprocessSpec, preprocess as next_preprocess
+    from runtime.llava_next_preprocess import NextPreprocessSpec
+    from runtime.llava_next_preprocess import preprocess as next_preprocess
 
     lay, (_, tiles) = _next(w, h)
     cols, gw = lay.cols[1] - lay.cols[0], lay.tiles[1]

@@ -21,3 +21,4 @@ def test_readme_python_example_runs(tiny_engine, monkeypatch):
         out = scope["out"]
         assert out.timings["kept_vision_tokens"] == 68 and out.timings["vision_tokens"] == 576
         assert 1 <= len(out.token_ids) <= 32 and out.text == scope["pipe"].prompt.decode(out.token_ids)
+        assert scope["picture"].mode == "RGB" and len(out.image_pivots) == 4
