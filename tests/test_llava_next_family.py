@@ -108,7 +108,7 @@ def test_pixels_and_prompt_ids_equal_the_processors(nxt, name):
     assert inputs["image_sizes"][0].tolist() == [image.height, image.width]
 
 
-@pytest.mark.parametrize("name", ["landscape", "portrait", "square"])
+@pytest.mark.parametrize("name", ["landscape", "portrait", "square", "tiny", "huge"])
 def test_ratio_one_equals_hf_generate(nxt, name):
     _, _, pipe, hf, processor = nxt
     image = IMAGES[name][0]
@@ -269,3 +269,19 @@ def test_max_seq_defaults_to_the_familys(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--max-seq 2048 is too short for this model" in err and "--max-seq >= " in err
     assert not (tmp_path / "x").exists()
+
+
+def test_tensorrt_profiles_from_the_manifest(nxt):
+    """The vision engine's TensorRT profile spans every crop count and token count the pinpoints
+    admit (export/trt.py reads only the manifest); the decoder's span values reach 2928."""
+    from export import trt
+
+    _, out, _, _, _ = nxt
+    m = json.loads((out / "manifest.json").read_text())
+    (vis,) = trt.profile_specs(m, "vision_encoder")
+    px, idx = vis["inputs"]["pixel_values"], vis["inputs"]["pack_index"]
+    assert (px["min"], px["max"]) == ([3, 3, 336, 336], [5, 3, 336, 336])
+    assert (idx["min"], idx["max"]) == ([576], [2928]) and idx["kind"] == "shape"
+    prefill, _ = trt.profile_specs(m, "decoder")
+    assert prefill["inputs"]["span_len"]["max"] == [2936]  # dart.max_span: 2928 + 8 pivots
+    assert prefill["inputs"]["inputs_embeds"]["max"][1] == 3584

@@ -169,6 +169,22 @@ def qwen_presets_family():
     return families()["qwen2_vl"]
 
 
+def test_kept_picture_and_pivots(qwen):
+    """A pruned request's image pivots are 4 kept tokens of the span, and its picture has one panel
+    of 28 x 28 px blocks whose token count is the image's (runtime/kept_image.py checks the pixels)."""
+    _, _, pipe, _, _ = qwen
+    image = IMAGES["plain"]
+    out = pipe.generate(QUESTION, image=image, keep_ratio=0.111, max_new_tokens=2)
+    p = pipe.prepare(Request(prompt=QUESTION, image=image))
+    a, L = p.span
+    assert len(out.image_pivots) == 4 and set(out.image_pivots) <= set(out.kept_positions)
+    assert all(a <= i < a + L for i in out.image_pivots)
+    (panel,) = pipe.rules.regions(p.vision)
+    assert sorted(panel.tokens.tolist()) == list(range(L))
+    pic = out.kept_image()
+    assert pic.mode == "RGB" and pic.width >= image.width
+
+
 def test_text_only_runs_unpruned(qwen):
     _, _, pipe, hf, processor = qwen
     inputs = _hf_inputs(processor, None)
