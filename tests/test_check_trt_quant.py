@@ -388,7 +388,7 @@ def test_ort_qdq_llava_tiny_decoder_is_checked_node_by_node(tiny_engine):
     m = _ort_quantize(128, model=decoder)  # export.quantize --target trt default; K = 64 is one block
     dq = [n.name for n in m.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == len(linear) > 0
-    known = sorted([("<graph>", "warning", "opset")] + [("<graph>", "warning", "int64")] * 5
+    known = sorted([("<graph>", "warning", "opset")] + [("<graph>", "warning", "int64")] * 6
                    + [("<graph>", "warning", "shape-input")] * 3)
     assert sorted(_findings(m)) == sorted(known + [(name, "error", "quant-scale") for name in dq])
     assert sorted(_findings(_positive_scales(m))) == known

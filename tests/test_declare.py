@@ -39,7 +39,8 @@ def test_llava_decls_give_the_manifest_signatures(llava_decls, tiny_engine):
     assert dec.input("quota").shape == ()
     assert dec.input("past_value_1").shape == ("batch", 2, "past_full", 16)
     assert dec.input("past_key_2").shape == ("batch", 2, "past_kept", 16)
-    assert dec.outputs[-1].shape == ("batch", "kept")
+    assert next(t for t in dec.outputs if t.name == "kept_positions").shape == ("batch", "kept")
+    assert dec.outputs[-1].name == "image_pivots" and dec.outputs[-1].shape == ("batch", 4)  # pivots_image
 
 
 def test_example_inputs_and_dynamic_shapes():
