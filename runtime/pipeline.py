@@ -9,6 +9,7 @@ generate = prepare + prefill + a decode loop, each callable alone (batch 1):
     prompt = pipe.prepare(Request("What is this?", image="cat.jpg"))  # checks, ids, pixels, spans
     state = pipe.prefill(prompt)                # vision, embed, decoder prefill: state.logits, state.kept
     logits = pipe.decode_step(state, token)     # one token at the next decode position
+    for token in pipe.tokens(prompt, state): ...  # sample, stop at eos / max_new_tokens, decode_step
 
 The family's run-time rules (runtime/families/, picked by manifest.family) decide the
 preprocessing, the prompt, where the vision features go and the position ids. Prefill feeds the
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -236,6 +237,23 @@ class Pipeline:
         state.steps, state.logits = t + 1, out["logits"][0]
         return state.logits
 
+    def tokens(self, prompt: Prompt, state: State) -> Iterator[int]:
+        """The generated tokens after prefill, one at a time: sampled from the latest logits, until an
+        eos token (not yielded; state.finish = "stop") or prompt.max_new_tokens (state.finish =
+        "length"). The decode step for the next token runs only when the next one is asked for, so a
+        caller that stops iterating (a stop string, a cancelled request) costs no extra step."""
+        eos = set() if prompt.ignore_eos else set(self.manifest.tokens.eos_token_ids)
+        logits, state.finish = state.logits, "length"
+        for t in range(prompt.max_new_tokens):
+            tok = prompt.sampler(logits)
+            if tok in eos:
+                state.finish = "stop"
+                return
+            yield tok
+            if t + 1 == prompt.max_new_tokens:
+                return
+            logits = self.decode_step(state, tok)
+
     # --- generate ---------------------------------------------------------------------------------
 
     def generate(
@@ -278,18 +296,10 @@ class Pipeline:
         first_logits = state.logits.astype(np.float32)
         tokens: list[int] = []
         streamer = Streamer(self.prompt.decode, p.stream) if p.stream else None
-        eos = set() if p.ignore_eos else set(self.manifest.tokens.eos_token_ids)
-        logits = state.logits
-        for t in range(p.max_new_tokens):
-            tok = p.sampler(logits)
-            if tok in eos:
-                break
+        for tok in self.tokens(p, state):
             tokens.append(tok)
             if streamer:
                 streamer.push(tokens)
-            if t + 1 == p.max_new_tokens:
-                break
-            logits = self.decode_step(state, tok)
         text = self.prompt.decode(tokens)
         if streamer:
             streamer.finish(text)

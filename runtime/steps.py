@@ -75,6 +75,7 @@ class State:
     embed_s: float = 0.0
     prefill_s: float = 0.0
     pivots: list[int] = field(default_factory=list)  # image pivots' sequence indices (none if not pruned)
+    finish: str = "length"  # why Pipeline.tokens stopped: "stop" (an eos token) or "length"
 
 
 

@@ -21,6 +21,8 @@ from dart_ops.spec import DartConfig
 from export import build, check_trt, quantize, trt
 from bench.config import BenchConfig
 from runtime import cli, run
+from runtime.serve import __main__ as serve_main
+from runtime.serve.config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,9 +38,10 @@ bench = _load_bench()
 
 PROGS = {"build": "python -m export.build", "trt": "python -m export.trt",
          "check_trt": "python -m export.check_trt", "run": "python -m runtime.run",
-         "bench": "python scripts/bench.py", "quantize": "python -m export.quantize"}
+         "bench": "python scripts/bench.py", "quantize": "python -m export.quantize",
+         "serve": "python -m runtime.serve"}
 MAINS = {"build": build.main, "trt": trt.main, "check_trt": check_trt.main, "run": run.main,
-         "bench": bench.main, "quantize": quantize.main}
+         "bench": bench.main, "quantize": quantize.main, "serve": serve_main.main}
 COMMANDS = {  # with the required options
     "build": ["-m", "export.build", "--model", "llava-tiny"],
     "trt": ["-m", "export.trt", "--engine-dir", "e"],
@@ -46,6 +49,7 @@ COMMANDS = {  # with the required options
     "run": ["-m", "runtime.run", "--engine-dir", "e", "--prompt", "hi"],
     "bench": [str(ROOT / "scripts" / "bench.py")],
     "quantize": ["-m", "export.quantize", "--engine-dir", "e", "--out", "o", "--bits", "4"],
+    "serve": ["-m", "runtime.serve", "--engine-dir", "e"],
 }
 
 
@@ -135,6 +139,7 @@ SHOWN = {
     "run": (run.RunConfig, _flags("max_new_tokens", "temperature", "top_p", "provider")),
     "bench": (BenchConfig, _flags("ratios", "runtimes", "new_tokens", "repeats", "warmup", "threads",
                                   "device", "dtype", "ort_provider", "prompt", "image")),
+    "serve": (ServeConfig, _flags("host", "port", "workers", "queue_size", "provider")),
 }
 
 
@@ -209,6 +214,7 @@ USAGE = {
     "run": (["--engine-dir", "{eng}", "--prompt", "hi", "--ratio", "-inf"],
             "argument --ratio: keep ratio must be in (0, 1]"),
     "bench": (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+    "serve": (["--engine-dir", "{eng}", "--replicas", "2"], "--replicas"),
 }
 
 

@@ -74,8 +74,23 @@ class Family:
         raise NotImplementedError
 
     def stage_modules(self, loaded: Loaded, dart) -> dict:
-        """{"vision_encoder": module, "embed_tokens": module, "decoder": FlatDecoder}."""
+        """{"vision_encoder": module, "embed_tokens": module, "decoder": FlatDecoder}. Default: the
+        family's `vision_stage(hf)` and the text stages of `text_stages`."""
+        return {"vision_encoder": self.vision_stage(loaded.model).eval(), **self.text_stages(loaded.model, dart)}
+
+    def vision_stage(self, hf):
+        """The vision stage's torch module (what the default stage_modules exports)."""
         raise NotImplementedError
+
+    def text_stages(self, hf, dart) -> dict:
+        """embed_tokens (the input embedding) and decoder (FlatDecoder: DartDecoder on the family's
+        text adapter with DART's layer and pivots), the same for every family."""
+        from dart_ops.decoder import DartDecoder, FlatDecoder
+        from export.families.llava import EmbedTokens
+
+        decoder = DartDecoder(self.text_adapter(hf), layer=dart.layer, pivots_image=dart.pivots_image,
+                              pivots_text=dart.pivots_text)
+        return {"embed_tokens": EmbedTokens.build(hf), "decoder": FlatDecoder(decoder).eval()}
 
     def apply_limits(self, loaded: Loaded, cfg) -> None:
         """Apply the export's size limits (export.build.BuildConfig) to what `load` recorded. Default:
@@ -112,12 +127,18 @@ class Family:
         raise NotImplementedError
 
     def text_adapter(self, hf):
-        """dart_ops.text_adapter.TextAdapter of the HF model's language model (DartDecoder's view)."""
-        raise NotImplementedError
+        """dart_ops.text_adapter.TextAdapter of the HF model's language model (DartDecoder's view).
+        Default: an HF VLM's `model.language_model` and `lm_head`, adapted by the stack's model_type
+        (llama, mistral, qwen2, the Qwen2-VL M-RoPE stacks)."""
+        from dart_ops.text_adapter import for_model
+
+        return for_model(hf.model.language_model, hf.lm_head)
 
     def eager(self, hf, dart):
-        """The eager DART baseline (dart_ops.eager.EagerDart) for the HF model."""
-        raise NotImplementedError
+        """The eager DART baseline (dart_ops.eager.EagerDart) for the HF model, on text_adapter."""
+        from dart_ops.eager import EagerDart
+
+        return EagerDart(hf, dart, text=self.text_adapter(hf))
 
     def flop_shape(self, config: dict):
         """dart_ops.flops.ModelShape from the checkpoint's config.json (the benchmark's FLOP model)."""

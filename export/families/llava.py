@@ -321,36 +321,14 @@ class LlavaFamily(Family):
             image_seq_len=n,
         )
 
-    def text_adapter(self, hf):
-        """The TextAdapter of the decoder stack, by its model_type: llama for LLaVA-1.5 (Vicuna);
-        a LLaVA checkpoint on Mistral or Qwen2 gets theirs."""
-        from dart_ops.text_adapter import for_model
-
-        return for_model(hf.model.language_model, hf.lm_head)
-
     def flop_shape(self, config: dict):
         """dart_ops.flops.ModelShape of a LlavaConfig dict: CLIP tower + projector, and the decoder."""
         from dart_ops.flops import ModelShape, TextShape, VisionShape
 
         return ModelShape(VisionShape.from_llava_config(config), TextShape.from_config(config["text_config"]))
 
-    def eager(self, hf, dart):
-        """The eager DART baseline (dart_ops.eager.EagerDart) on a loaded LLaVA model."""
-        from dart_ops.eager import EagerDart
-
-        return EagerDart(hf, dart, text=self.text_adapter(hf))
-
-    def stage_modules(self, loaded: Loaded, dart) -> dict:
-        from dart_ops.decoder import DartDecoder, FlatDecoder
-
-        hf = loaded.model
-        decoder = DartDecoder(self.text_adapter(hf), layer=dart.layer, pivots_image=dart.pivots_image,
-                              pivots_text=dart.pivots_text)
-        return {
-            "vision_encoder": VisionEncoder.build(hf),
-            "embed_tokens": EmbedTokens.build(hf),
-            "decoder": FlatDecoder(decoder).eval(),
-        }
+    def vision_stage(self, hf):
+        return VisionEncoder.build(hf)
 
     def vision_axes(self, loaded: Loaded, max_batch: int) -> dict:
         """images: crops per vision call (one per image; LLaVA-1.5 has no tiling); vision_tokens:

@@ -129,32 +129,15 @@ class LlavaNextFamily(Family):
 
     # --- stages -----------------------------------------------------------------------------------
 
-    def text_adapter(self, hf):
-        """Mistral (llava-v1.6-mistral) or Llama (vicuna) by the decoder's model_type."""
-        from dart_ops.text_adapter import for_model
-
-        return for_model(hf.model.language_model, hf.lm_head)
-
-    def eager(self, hf, dart):
-        from dart_ops.eager import EagerDart
-
-        return EagerDart(hf, dart, text=self.text_adapter(hf))
-
     def flop_shape(self, config: dict):
         from dart_ops.flops import ModelShape
 
         return ModelShape.from_llava_next_config(config)
 
-    def stage_modules(self, loaded: Loaded, dart) -> dict:
-        from dart_ops.decoder import DartDecoder, FlatDecoder
-        from export.families.llava import EmbedTokens
+    def vision_stage(self, hf):
         from export.families.llava_next_vision import make_stage
 
-        hf = loaded.model
-        decoder = DartDecoder(self.text_adapter(hf), layer=dart.layer, pivots_image=dart.pivots_image,
-                              pivots_text=dart.pivots_text)
-        return {"vision_encoder": make_stage(hf).eval(), "embed_tokens": EmbedTokens.build(hf),
-                "decoder": FlatDecoder(decoder).eval()}
+        return make_stage(hf)
 
     @staticmethod
     def _spec(loaded: Loaded):

@@ -163,31 +163,15 @@ class QwenVLFamily(Family):
 
     # --- stages -----------------------------------------------------------------------------------
 
-    def text_adapter(self, hf):
-        from dart_ops.text_adapter import for_model
-
-        return for_model(hf.model.language_model, hf.lm_head)
-
-    def eager(self, hf, dart):
-        from dart_ops.eager import EagerDart
-
-        return EagerDart(hf, dart, text=self.text_adapter(hf))
-
     def flop_shape(self, config: dict):
         from dart_ops.flops import ModelShape
 
         return ModelShape.from_qwen_config(config)
 
-    def stage_modules(self, loaded: Loaded, dart) -> dict:
-        from dart_ops.decoder import DartDecoder, FlatDecoder
-        from export.families.llava import EmbedTokens
+    def vision_stage(self, hf):
         from export.families.qwen_vision import make_stage
 
-        hf = loaded.model
-        decoder = DartDecoder(self.text_adapter(hf), layer=dart.layer, pivots_image=dart.pivots_image,
-                              pivots_text=dart.pivots_text)
-        return {"vision_encoder": make_stage(hf).eval(), "embed_tokens": EmbedTokens.build(hf),
-                "decoder": FlatDecoder(decoder).eval()}
+        return make_stage(hf)
 
     def vision_axes(self, loaded: Loaded, max_batch: int) -> dict:
         from runtime.manifest import Axis

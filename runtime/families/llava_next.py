@@ -13,25 +13,15 @@ NextPreprocessSpec (crop size, grid pinpoints, resampling, mean/std).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from runtime.errors import EngineError, InputError
-from runtime.families import (
-    Positions,
-    Span,
-    VisionInput,
-    indices_of_positions,
-    np_dtype,
-    place_features,
-    register,
-)
+from runtime.families import VisionInput, np_dtype, register
+from runtime.families.llava import LlavaRules
 from runtime.llava_next_preprocess import NextLayout, NextPreprocessSpec, pack_index, preprocess
 from runtime.manifest import EXPORT_HINT, register_preprocess
 from runtime.preprocess import ImageLike, load_image
-from runtime.prompt import PromptBuilder, expand_image_tokens, find_span
+from runtime.prompt import PromptBuilder, expand_image_tokens
 
 KIND = "llava_next"
 
@@ -55,8 +45,9 @@ register_preprocess(KIND, NextSpec.from_json)
 
 
 @register(KIND)
-class LlavaNextRules:
-    """LLaVA-NeXT (llava-hf/llava-v1.6-*): one image per prompt, L tokens from its size."""
+class LlavaNextRules(LlavaRules):
+    """LLaVA-NeXT (llava-hf/llava-v1.6-*): one image per prompt, L tokens from its size. Spans,
+    placement, positions and kept indices are LLaVA-1.5's (inherited)."""
 
     def __init__(self, manifest, prompt: PromptBuilder):
         if not isinstance(manifest.preprocess, NextSpec):
@@ -94,27 +85,6 @@ class LlavaNextRules:
         if vision is None:
             return ids
         return expand_image_tokens(ids, self.manifest.tokens.image_token_id, vision.tokens[0])
-
-    def spans(self, ids: Sequence[int]) -> tuple[Span, ...]:
-        start, length = find_span(ids, self.manifest.tokens.image_token_id)
-        return ((start, length),) if length else ()
-
-    @staticmethod
-    def place(embeds: np.ndarray, features: np.ndarray, spans: Sequence[Span]) -> np.ndarray:
-        return place_features(embeds, features, spans)  # (1, S, D)
-
-    @staticmethod
-    def positions(ids: Sequence[int], spans: Sequence[Span], vision: VisionInput | None) -> Positions:
-        S = len(ids)
-        return Positions(np.arange(S, dtype=np.int64)[None], S)  # (1, S); decode step t at S + t
-
-    @staticmethod
-    def decode_positions(position: int) -> np.ndarray:
-        return np.array([[position]], dtype=np.int64)  # (1, 1)
-
-    @staticmethod
-    def kept_indices(kept: np.ndarray, positions: Positions) -> list[int]:
-        return indices_of_positions(kept, positions.prefill)
 
     @staticmethod
     def regions(vision: VisionInput) -> list:
