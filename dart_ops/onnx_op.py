@@ -65,10 +65,12 @@ _DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 
 
 class _Body:
-    """Collects the nodes of the function body; `op` returns the (auto-named) output."""
+    """Collects the nodes of a function body; `op` returns the (auto-named) output. Node names start
+    with `prefix` (DartPrune's, or dart_ops.onnx_op_slots' for DartPruneSlots)."""
 
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, prefix: str = NODE_PREFIX):
         self.opset = opset
+        self.prefix = prefix
         self.nodes: list[onnx.NodeProto] = []
         self._n = 0
 
@@ -76,7 +78,7 @@ class _Body:
         self._n += 1
         names = [f"{op_type.lower()}_{self._n}" + (f"_{i}" if outputs > 1 else "")
                  for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=f"{NODE_PREFIX}{op_type}_{self._n}", **attrs))
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, name=f"{self.prefix}{op_type}_{self._n}", **attrs))
         return names[0] if outputs == 1 else names
 
     def const(self, value, dtype=np.int64) -> str:
@@ -86,7 +88,7 @@ class _Body:
         """int64 scalar holding the function attribute `attr` (a Constant with ref_attr_name)."""
         self._n += 1
         name = f"{attr}_{self._n}"
-        node = helper.make_node("Constant", [], [name], name=f"{NODE_PREFIX}{name}")
+        node = helper.make_node("Constant", [], [name], name=f"{self.prefix}{name}")
         node.attribute.append(
             helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=attr))
         self.nodes.append(node)
@@ -108,9 +110,13 @@ class _Body:
         return self.op("ConstantOfShape", shape,
                        value=numpy_helper.from_array(np.asarray([value], dtype)))
 
+    def clamp(self, x: str, lo: str, hi: str) -> str:
+        return self.op("Max", self.op("Min", x, hi), lo)
+
 
 def _counts(g: _Body, S: str, a: str, L: str, q: str):
-    """spec.effective_counts as scalar int64 ops. Returns (pi, P, T, keep_all, kept_len)."""
+    """spec.effective_counts as scalar int64 data ops. Returns (pi, P, T, keep_all, kept_vision):
+    image pivots used, pivots used, quota, nothing pruned, vision tokens kept."""
     text_after = g.op("Sub", g.op("Sub", S, a), L)
     pi = g.op("Min", g.attr_const("pivots_image"), L)  # image pivots used
     pt = g.op("Min", g.attr_const("pivots_text"), text_after)  # text pivots used
@@ -120,8 +126,7 @@ def _counts(g: _Body, S: str, a: str, L: str, q: str):
     free = g.op("Div", g.op("Sub", L, pi), g.op("Max", P, one))  # (L - pi) // P, both >= 0
     T = g.op("Min", g.op("Max", q, zero), free)
     kept_vision = g.op("Where", keep_all, L, g.op("Add", pi, g.op("Mul", P, T)))
-    kept_len = g.op("Add", g.op("Sub", S, L), kept_vision)  # S'
-    return pi, P, T, keep_all, kept_len
+    return pi, P, T, keep_all, kept_vision
 
 
 def _top_pivots(g: _Body, scores: str, B: str, M: str, start: str, end: str) -> str:
@@ -141,7 +146,8 @@ def _body(opset: int, M: int, N: int) -> list[onnx.NodeProto]:
     shape = g.op("Shape", hidden)
     B = g.op("Gather", shape, g.const([0]))  # (1,)
     S = g.op("Gather", shape, g.const(1))  # ()
-    pi, P, T, keep_all, kept_len = _counts(g, S, a, L, q)
+    pi, P, T, keep_all, kept_vision = _counts(g, S, a, L, q)
+    kept_len = g.op("Add", g.op("Sub", S, L), kept_vision)  # S'
 
     # Pivots: (B, M) absolute token indices in canonical order, image first, then text.
     scores = g.reduce("ReduceL1", g.op("Cast", keys, to=TensorProto.FLOAT), axis=2)  # (B, S)

@@ -59,9 +59,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, inliner, numpy_helper
+from onnx import TensorProto, helper, inliner
 
-from dart_ops.onnx_op import ATTRIBUTES, IR_VERSION, check_pivots
+from dart_ops.onnx_op import ATTRIBUTES, IR_VERSION, _Body, _counts, check_pivots
 from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, OP_DOMAIN, OP_VERSION, effective_counts
 
 OP_NAME = "DartPruneSlots"
@@ -74,62 +74,6 @@ INDEX_DTYPES = {"int64": TensorProto.INT64, "int32": TensorProto.INT32}
 SLOT_DTYPES = {**INDEX_DTYPES, **FLOAT_DTYPES, "bool": TensorProto.BOOL}
 _NP_DTYPES = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.FLOAT: np.float32,
               TensorProto.FLOAT16: np.float16, TensorProto.BOOL: np.bool_}
-
-
-class _Body:
-    """Collects the nodes of the function body; `op` returns the (auto-named) output(s)."""
-
-    def __init__(self, opset: int):
-        self.opset = opset
-        self.nodes: list[onnx.NodeProto] = []
-        self._n = 0
-
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs):
-        self._n += 1
-        names = [f"{op_type.lower()}_{self._n}" + (f"_{i}" if outputs > 1 else "") for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), names,
-                                           name=f"{NODE_PREFIX}{op_type}_{self._n}", **attrs))
-        return names[0] if outputs == 1 else names
-
-    def const(self, value, dtype=np.int64) -> str:
-        return self.op("Constant", value=numpy_helper.from_array(np.asarray(value, dtype)))
-
-    def attr_const(self, attr: str) -> str:
-        """int64 scalar holding the function attribute `attr` (a Constant with ref_attr_name)."""
-        self._n += 1
-        name = f"{attr}_{self._n}"
-        node = helper.make_node("Constant", [], [name], name=f"{NODE_PREFIX}{name}")
-        node.attribute.append(helper.make_attribute_ref("value_int", onnx.AttributeProto.INT, ref_attr_name=attr))
-        self.nodes.append(node)
-        return name
-
-    def reduce(self, op_type: str, x: str, axis: int, keepdims: int = 0) -> str:
-        # ReduceSum takes axes as an input since opset 13, the other reductions since opset 18.
-        if op_type == "ReduceSum" or self.opset >= 18:
-            return self.op(op_type, x, self.const([axis]), keepdims=keepdims)
-        return self.op(op_type, x, axes=[axis], keepdims=keepdims)
-
-    def fill(self, shape: list[str], value, dtype=np.float32) -> str:
-        """Tensor of shape Concat(shape) (each a (1,) int64 from Shape or a Constant) filled with `value`."""
-        shape = self.op("Concat", *shape, axis=0) if len(shape) > 1 else shape[0]
-        return self.op("ConstantOfShape", shape, value=numpy_helper.from_array(np.asarray([value], dtype)))
-
-    def clamp(self, x: str, lo: str, hi: str) -> str:
-        return self.op("Max", self.op("Min", x, hi), lo)
-
-
-def _counts(g: _Body, S: str, a: str, L: str, q: str):
-    """spec.effective_counts as scalar int64 data ops. Returns (pi, P, T, kept_vision)."""
-    text_after = g.op("Sub", g.op("Sub", S, a), L)
-    pi = g.op("Min", g.attr_const("pivots_image"), L)  # image pivots used
-    pt = g.op("Min", g.attr_const("pivots_text"), text_after)  # text pivots used
-    P = g.op("Add", pi, pt)
-    zero, one = g.const(0), g.const(1)
-    keep_all = g.op("Equal", P, zero)  # no pivot (this includes L == 0): nothing pruned
-    free = g.op("Div", g.op("Sub", L, pi), g.op("Max", P, one))  # (L - pi) // P, both >= 0
-    T = g.op("Min", g.op("Max", q, zero), free)
-    kept_vision = g.op("Where", keep_all, L, g.op("Add", pi, g.op("Mul", P, T)))
-    return pi, P, T, kept_vision
 
 
 def _pivots(g: _Body, scores: str, B: str, S: str, a: str, L: str, pi: str, M: int, N: int):
@@ -219,13 +163,13 @@ def _scalar(g: _Body, name: str) -> str:
 
 
 def _body(opset: int, M: int, N: int, index_dtype: int) -> list[onnx.NodeProto]:
-    g = _Body(opset)
+    g = _Body(opset, NODE_PREFIX)
     hidden, keys = INPUTS[0], INPUTS[1]
     a, L, q = (_scalar(g, name) for name in INPUTS[2:5])  # () int64 each
     shape = g.op("Shape", hidden)
     B = g.op("Gather", shape, g.const([0]))  # (1,)
     S = g.op("Gather", shape, g.const(1))  # ()
-    pi, P, T, kept_vision = _counts(g, S, a, L, q)
+    pi, P, T, _, kept_vision = _counts(g, S, a, L, q)
 
     scores = g.reduce("ReduceL1", g.op("Cast", keys, to=TensorProto.FLOAT), axis=2)  # (B, S)
     img, in_win, win_tok, pivots = _pivots(g, scores, B, S, a, L, pi, M, N)
