@@ -52,7 +52,7 @@ from PIL import Image
 
 from runtime import preprocess as _pp
 from runtime.errors import InputError
-from runtime.preprocess import _RESAMPLE, ImageLike, load_image
+from runtime.preprocess import _RESAMPLE, ImageLike, is_int, load_image, normalize_problem
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -116,19 +116,11 @@ class NextPreprocessSpec:
         return cls(**kw)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def _problem(s: NextPreprocessSpec) -> str | None:
     """What is wrong with a spec, or None."""
     for name in ("crop_size", "shortest_edge", "patch"):
         v = getattr(s, name)
-        if not _is_int(v) or v < 1:
+        if not is_int(v) or v < 1:
             return f"{name} must be a positive integer, got {v!r}"
     if s.crop_size > MAX_CROP or s.crop_size % s.patch:
         return f"crop_size {s.crop_size} must be a multiple of patch {s.patch}, at most {MAX_CROP}"
@@ -139,24 +131,14 @@ def _problem(s: NextPreprocessSpec) -> str | None:
     if not isinstance(pins, tuple) or not pins:
         return f"pinpoints must be a non-empty list of [height, width] pairs, got {pins!r}"
     for p in pins:
-        if not isinstance(p, tuple) or len(p) != 2 or not all(_is_int(v) and v > 0 for v in p):
+        if not isinstance(p, tuple) or len(p) != 2 or not all(is_int(v) and v > 0 for v in p):
             return f"pinpoint {p!r} is not a [height, width] pair of positive integers"
         if p[0] % s.crop_size or p[1] % s.crop_size:
             return f"pinpoint {list(p)} is not a multiple of crop_size {s.crop_size} on both sides"
         if p[0] * p[1] > MAX_PINPOINT_PIXELS or (p[0] // s.crop_size) * (p[1] // s.crop_size) > MAX_TILES:
             return (f"pinpoint {list(p)} is over the runtime's limits ({MAX_PINPOINT_PIXELS} pixels, "
                     f"{MAX_TILES} crops)")
-    for name in ("mean", "std"):
-        v = getattr(s, name)
-        if not isinstance(v, tuple) or len(v) != 3 or not all(_is_num(x) for x in v):
-            return f"{name} must be 3 finite numbers, got {v!r}"
-    if not all(x > 0 for x in s.std):
-        return f"std must be positive, got {s.std!r}"
-    if not _is_num(s.rescale) or s.rescale <= 0:
-        return f"rescale must be a positive finite number, got {s.rescale!r}"
-    if s.resample not in _RESAMPLE:
-        return f"resample {s.resample!r} is not one the runtime reproduces ({', '.join(_RESAMPLE)})"
-    return None
+    return normalize_problem(s)
 
 
 def _spec(spec: NextPreprocessSpec | dict) -> NextPreprocessSpec:
@@ -231,7 +213,7 @@ def _unpad(height: int, width: int, ch: int, cw: int) -> tuple[tuple[int, int], 
 def layout(height: int, width: int, spec: NextPreprocessSpec | dict) -> NextLayout:
     """The crops and token layout of an image of height x width px."""
     spec = _spec(spec)
-    if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
+    if not (is_int(height) and is_int(width) and height > 0 and width > 0):
         raise InputError(f"image size must be two positive integers, got {height!r} x {width!r}")
     bh, bw = select_best_resolution(height, width, spec.pinpoints)
     gh, gw, g = bh // spec.crop_size, bw // spec.crop_size, spec.grid

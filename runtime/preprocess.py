@@ -29,6 +29,7 @@ equals Pillow's bit for bit (tests/test_preprocess.py forces it on ordinary imag
 
 from __future__ import annotations
 
+import math
 import logging
 from pathlib import Path
 
@@ -274,6 +275,32 @@ def _resample_bounded(im: Image.Image, canvas: tuple[int, int], at: tuple[int, i
         if b > a:
             out[:, a:b] = _pass(np.zeros((0, b - a, 3), np.uint8), 0, wy, 0, fill_row[a:b])
     return out
+
+
+# --- spec checks shared by the families' processor ports (runtime/qwen_preprocess.py, llava_next_preprocess.py)
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def normalize_problem(spec) -> str | None:
+    """What is wrong with a spec's rescale / normalise / resample fields (mean, std: 3-tuples), or None."""
+    for name in ("mean", "std"):
+        v = getattr(spec, name)
+        if not isinstance(v, tuple) or len(v) != 3 or not all(is_num(x) for x in v):
+            return f"{name} must be 3 finite numbers, got {v!r}"
+    if not all(x > 0 for x in spec.std):
+        return f"std must be positive, got {spec.std!r}"
+    if not is_num(spec.rescale) or spec.rescale <= 0:
+        return f"rescale must be a positive finite number, got {spec.rescale!r}"
+    if spec.resample not in _RESAMPLE:
+        return f"resample {spec.resample!r} is not one the runtime reproduces ({', '.join(_RESAMPLE)})"
+    return None
 
 
 # --- the whole transform ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from runtime.errors import InputError
-from runtime.preprocess import _RESAMPLE, MAX_IMAGE_PIXELS, ImageLike, load_image
+from runtime.preprocess import _RESAMPLE, MAX_IMAGE_PIXELS, ImageLike, is_int, load_image, normalize_problem
 
 MAX_ASPECT = 200  # transformers' smart_resize refuses a longer side over 200 x the shorter one
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -86,36 +86,18 @@ class QwenPreprocessSpec:
         return cls(**kw)
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x) -> bool:
-    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
-
-
 def _problem(s: QwenPreprocessSpec) -> str | None:
     """What is wrong with a spec, or None."""
     for name in ("patch", "merge", "temporal", "min_pixels", "max_pixels"):
         v = getattr(s, name)
-        if not _is_int(v) or v < 1:
+        if not is_int(v) or v < 1:
             return f"{name} must be a positive integer, got {v!r}"
     if s.patch > 1024 or s.merge > 16 or s.temporal > 16:
         return f"patch {s.patch}, merge {s.merge}, temporal {s.temporal} are out of range (<= 1024, 16, 16)"
     if not s.min_pixels <= s.max_pixels <= MAX_IMAGE_PIXELS:
         return (f"need min_pixels <= max_pixels <= {MAX_IMAGE_PIXELS}, got min_pixels {s.min_pixels}, "
                 f"max_pixels {s.max_pixels}")
-    for name in ("mean", "std"):
-        v = getattr(s, name)
-        if not isinstance(v, tuple) or len(v) != 3 or not all(_is_num(x) for x in v):
-            return f"{name} must be 3 finite numbers, got {v!r}"
-    if not all(x > 0 for x in s.std):
-        return f"std must be positive, got {s.std!r}"
-    if not _is_num(s.rescale) or s.rescale <= 0:
-        return f"rescale must be a positive finite number, got {s.rescale!r}"
-    if s.resample not in _RESAMPLE:
-        return f"resample {s.resample!r} is not one the runtime reproduces ({', '.join(_RESAMPLE)})"
-    return None
+    return normalize_problem(s)
 
 
 # --- geometry --------------------------------------------------------------------------------------
