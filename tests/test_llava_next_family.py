@@ -25,6 +25,7 @@ from dart_ops.spec import DartConfig  # noqa: E402
 from export.families import llava_next_presets as presets  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
 from runtime.steps import Request  # noqa: E402
+from vlm_inputs import hf_chat_inputs, smooth_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("llava-next-tiny", "llava-next-vicuna-tiny")
@@ -32,21 +33,14 @@ QUESTION = "What is in the picture?"
 NEW_TOKENS = 20
 
 
-def _image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
-    img = Image.fromarray(base).resize((w, h), Image.BILINEAR)  # smooth, not noise
-    return img.convert(mode)
-
-
 # Tile layouts at the default pinpoints: (crops, vision tokens)
 IMAGES = {
-    "landscape": (_image(640, 480, 1), (5, 2340)),  # 672 x 672 canvas, rows unpadded to 36
-    "portrait": (_image(333, 1000, 2), (4, 2376)),  # 336 x 1008 (h x w: 1008 x 336) canvas
-    "square": (_image(700, 700, 3), (5, 2928)),  # the maximum
-    "wide": (_image(1000, 333, 4), (4, 2328)),
-    "tiny": (_image(37, 51, 5), (3, 1032)),  # the least-area pinpoint (672 x 336 px, h x w)
-    "huge": (_image(3000, 2000, 6), (5, None)),
+    "landscape": (smooth_image(640, 480, 1), (5, 2340)),  # 672 x 672 canvas, rows unpadded to 36
+    "portrait": (smooth_image(333, 1000, 2), (4, 2376)),  # 336 x 1008 (h x w: 1008 x 336) canvas
+    "square": (smooth_image(700, 700, 3), (5, 2928)),  # the maximum
+    "wide": (smooth_image(1000, 333, 4), (4, 2328)),
+    "tiny": (smooth_image(37, 51, 5), (3, 1032)),  # the least-area pinpoint (672 x 336 px, h x w)
+    "huge": (smooth_image(3000, 2000, 6), (5, None)),
 }
 
 
@@ -61,14 +55,6 @@ def nxt(request, tmp_path_factory):
     hf = presets.build_random_model(preset, seed=0)
     processor = presets.tiny_processor(preset)
     return preset, out, runtime.load(out), hf, processor
-
-
-def _hf_inputs(processor, image, text=QUESTION):
-    content = [{"type": "image"}, {"type": "text", "text": text}] if image is not None else \
-        [{"type": "text", "text": text}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                           tokenize=False)
-    return processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt")
 
 
 def _hf_pixels(inputs, crops: int) -> np.ndarray:
@@ -98,7 +84,7 @@ def test_manifest_describes_the_family(nxt):
 def test_pixels_and_prompt_ids_equal_the_processors(nxt, name):
     _, _, pipe, _, processor = nxt
     image, (crops, tokens) = IMAGES[name]
-    inputs = _hf_inputs(processor, image)
+    inputs = hf_chat_inputs(processor, image, QUESTION)
     p = pipe.prepare(Request(prompt=QUESTION, image=image))
     assert p.ids == inputs["input_ids"][0].tolist()
     pixels = p.vision.feeds["pixel_values"]
@@ -112,7 +98,7 @@ def test_pixels_and_prompt_ids_equal_the_processors(nxt, name):
 def test_ratio_one_equals_hf_generate(nxt, name):
     _, _, pipe, hf, processor = nxt
     image = IMAGES[name][0]
-    inputs = _hf_inputs(processor, image)
+    inputs = hf_chat_inputs(processor, image, QUESTION)
     eos = pipe.manifest.tokens.eos_token_ids
     with torch.no_grad():
         want = hf.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=list(eos),
@@ -131,7 +117,7 @@ def test_ratio_one_equals_hf_generate(nxt, name):
 def test_pruned_equals_eager_dart(nxt, keep, name):
     _, _, pipe, hf, processor = nxt
     image = IMAGES[name][0]
-    inputs = _hf_inputs(processor, image)
+    inputs = hf_chat_inputs(processor, image, QUESTION)
     m = pipe.manifest.dart
     config = DartConfig(m.layer, m.pivots_image, m.pivots_text, keep_ratio=keep.get("keep_ratio"),
                         budget=keep.get("keep_tokens"))
@@ -160,7 +146,7 @@ def _family():
 
 def test_text_only_runs_unpruned(nxt):
     _, _, pipe, _, processor = nxt
-    inputs = _hf_inputs(processor, None)
+    inputs = hf_chat_inputs(processor, None, QUESTION)
     p = pipe.prepare(Request(prompt=QUESTION))
     assert p.ids == inputs["input_ids"][0].tolist() and p.vision is None and not p.counts.prune
     out = pipe.generate(QUESTION, keep_ratio=0.111, max_new_tokens=5)

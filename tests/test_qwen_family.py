@@ -24,6 +24,7 @@ from dart_ops.spec import DartConfig  # noqa: E402
 from export.families import qwen_presets  # noqa: E402
 from runtime.errors import EngineError, InputError  # noqa: E402
 from runtime.steps import Request  # noqa: E402
+from vlm_inputs import hf_chat_inputs, smooth_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("qwen2-vl-tiny", "qwen2.5-vl-tiny")
@@ -31,20 +32,13 @@ QUESTION = "What is in the picture?"
 NEW_TOKENS = 20
 
 
-def _image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
-    img = Image.fromarray(base).resize((w, h), Image.BILINEAR)  # smooth, not noise
-    return img.convert(mode)
-
-
 # (name, image): 640x480 is shrunk to the engine's max pixels, 37x51 grown to min pixels, the
 # others are only rounded to multiples of 28 (one of them tall).
 IMAGES = {
-    "max-pixels": _image(640, 480, 1),
-    "min-pixels": _image(37, 51, 2),
-    "plain": _image(200, 120, 3),
-    "tall": _image(90, 300, 4),
+    "max-pixels": smooth_image(640, 480, 1),
+    "min-pixels": smooth_image(37, 51, 2),
+    "plain": smooth_image(200, 120, 3),
+    "tall": smooth_image(90, 300, 4),
 }
 
 
@@ -59,14 +53,6 @@ def qwen(request, tmp_path_factory):
     hf = qwen_presets.build_random_model(preset, seed=0)
     processor = qwen_presets.tiny_processor(preset)
     return preset, out, runtime.load(out), hf, processor
-
-
-def _hf_inputs(processor, image, text=QUESTION):
-    content = [{"type": "image"}, {"type": "text", "text": text}] if image is not None else \
-        [{"type": "text", "text": text}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                           tokenize=False)
-    return processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt")
 
 
 def _positions(hf, inputs):
@@ -101,7 +87,7 @@ def test_manifest_describes_the_family(qwen):
 def test_pixels_prompt_ids_and_positions_equal_the_processors(qwen, name):
     _, _, pipe, hf, processor = qwen
     image = IMAGES[name]
-    inputs = _hf_inputs(processor, image)
+    inputs = hf_chat_inputs(processor, image, QUESTION)
     p = pipe.prepare(Request(prompt=QUESTION, image=image))
     assert p.ids == inputs["input_ids"][0].tolist()
     assert np.array_equal(p.vision.feeds["pixel_values"], inputs["pixel_values"].numpy())
@@ -129,7 +115,7 @@ def test_bounds_are_hit():
 def test_ratio_one_equals_hf_generate(qwen, name):
     _, _, pipe, hf, processor = qwen
     image = IMAGES[name]
-    inputs = _hf_inputs(processor, image)
+    inputs = hf_chat_inputs(processor, image, QUESTION)
     eos = pipe.manifest.tokens.eos_token_ids
     with torch.no_grad():
         want = hf.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=list(eos),
@@ -146,7 +132,7 @@ def test_ratio_one_equals_hf_generate(qwen, name):
 def test_pruned_equals_eager_dart(qwen, keep):
     preset, _, pipe, hf, processor = qwen
     image = IMAGES["max-pixels"]
-    inputs = _hf_inputs(processor, image)
+    inputs = hf_chat_inputs(processor, image, QUESTION)
     pos, delta = _positions(hf, inputs)
     m = pipe.manifest.dart
     config = DartConfig(m.layer, m.pivots_image, m.pivots_text, keep_ratio=keep.get("keep_ratio"),
@@ -187,7 +173,7 @@ def test_kept_picture_and_pivots(qwen):
 
 def test_text_only_runs_unpruned(qwen):
     _, _, pipe, hf, processor = qwen
-    inputs = _hf_inputs(processor, None)
+    inputs = hf_chat_inputs(processor, None, QUESTION)
     p = pipe.prepare(Request(prompt=QUESTION))
     assert p.ids == inputs["input_ids"][0].tolist() and p.vision is None and not p.counts.prune
     assert np.array_equal(p.positions.prefill, np.broadcast_to(np.arange(len(p.ids)), (3, 1, len(p.ids))))
@@ -225,7 +211,8 @@ def test_a_huge_image_is_resized_within_the_cap(qwen):
     image = Image.new("RGB", (3000, 2000), (200, 30, 40))
     p = pipe.prepare(Request(prompt=QUESTION, image=image))
     assert p.vision.tokens[0] <= 256
-    assert np.array_equal(p.vision.feeds["pixel_values"], _hf_inputs(processor, image)["pixel_values"].numpy())
+    want = hf_chat_inputs(processor, image, QUESTION)["pixel_values"].numpy()
+    assert np.array_equal(p.vision.feeds["pixel_values"], want)
 
 
 def test_checkpoint_round_trip(qwen, tmp_path):

@@ -13,13 +13,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import runtime
 from dart_ops.spec import DartConfig
 from export.families import build_seeded
 from export.families.llava import TINY_TOKENIZER
 from runtime.steps import Request
+from vlm_inputs import hf_chat_inputs, smooth_image
 
 CROP, PATCH = 224, 14  # grid 16: 256 tokens per crop
 PINPOINTS = [[224, 448], [448, 224], [448, 448], [224, 224]]  # (height, width); [224, 224]: one tile
@@ -33,18 +33,12 @@ QUESTION = "What is in the picture?"
 N_NEW = 16
 
 
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3), dtype=np.uint8)
-    return Image.fromarray(base).resize((w, h), Image.BILINEAR)  # smooth, not noise
-
-
 # name: (image, pinpoint chosen (h, w), crops, vision tokens). L = 256 + h'(w' + 1) on the ch x cw map
 # of the pinpoint (16 tokens per 224 px), unpadded to the image's aspect (h' = ch - 2 * pad):
 IMAGES = {
-    "small": (_image(150, 120, 1), (224, 224), 2, 256 + 12 * 17),  # 16 x 16 map, 12.8 -> 12 rows kept
-    "wide": (_image(440, 200, 2), (224, 448), 3, 256 + 14 * 33),  # 16 x 32 map, 14.5 -> 14 rows
-    "large": (_image(500, 460, 3), (448, 448), 5, 256 + 30 * 33),  # 32 x 32 map, 29.4 -> pad 1: 30 rows
+    "small": (smooth_image(150, 120, 1), (224, 224), 2, 256 + 12 * 17),  # 16 x 16 map, 12.8 -> 12 rows kept
+    "wide": (smooth_image(440, 200, 2), (224, 448), 3, 256 + 14 * 33),  # 16 x 32 map, 14.5 -> 14 rows
+    "large": (smooth_image(500, 460, 3), (448, 448), 5, 256 + 30 * 33),  # 32 x 32 map, 29.4 -> pad 1: 30 rows
 }
 
 
@@ -112,12 +106,6 @@ def pipe(exported):
     return runtime.load(exported)
 
 
-def _hf_inputs(processor, image):
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
-    prompt = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-    return processor(text=[prompt], images=[image], return_tensors="pt")
-
-
 def test_manifest_records_the_checkpoints_own_settings(pipe, hf):
     m = pipe.manifest
     spec = m.preprocess.image
@@ -142,7 +130,7 @@ def test_manifest_records_the_checkpoints_own_settings(pipe, hf):
 def test_pixels_and_prompt_ids_equal_the_processors(pipe, hf, name):
     _, processor = hf
     image, best, crops, tokens = IMAGES[name]
-    inputs = _hf_inputs(processor, image)
+    inputs = hf_chat_inputs(processor, image, QUESTION)
     p = pipe.prepare(Request(prompt=QUESTION, image=image))
     assert p.vision.layout.best == best
     assert inputs["pixel_values"].shape == (1, crops, 3, CROP, CROP)  # one image: no batch padding
@@ -155,7 +143,7 @@ def test_pixels_and_prompt_ids_equal_the_processors(pipe, hf, name):
 def test_ratio_one_equals_hf_generate(pipe, hf, name):
     model, processor = hf
     image = IMAGES[name][0]
-    inputs = _hf_inputs(processor, image)
+    inputs = hf_chat_inputs(processor, image, QUESTION)
     eos = list(pipe.manifest.tokens.eos_token_ids)
     with torch.no_grad():
         want = model.generate(**inputs, max_new_tokens=N_NEW, do_sample=False, eos_token_id=eos,
@@ -173,7 +161,7 @@ def test_pruned_equals_eager_dart(pipe, hf):
 
     model, processor = hf
     image, _, _, L = IMAGES["large"]
-    inputs = _hf_inputs(processor, image)
+    inputs = hf_chat_inputs(processor, image, QUESTION)
     d = pipe.manifest.dart
     eager = families()["llava_next"].eager(model, DartConfig(d.layer, d.pivots_image, d.pivots_text,
                                                              keep_ratio=0.111))
