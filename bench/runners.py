@@ -254,7 +254,7 @@ class EngineRunner:
 
         import onnxruntime as ort
 
-        from dart_ops.onnx_op import NODE_PREFIX
+        from dart_ops.onnx_op_slots import NODE_PREFIX
         from runtime.stage import resolve_providers
 
         with tempfile.TemporaryDirectory() as tmp:

@@ -7,15 +7,20 @@ itself with explicit position embeddings, an explicit additive causal mask and p
 that serves prefill and decode:
 
     inputs:  inputs_embeds (B, S, D), position_ids (B, S) or (3, B, S) as the adapter declares,
-             span_start, span_len, quota (int64 []),
+             span_start, span_len, quota (0-d integers: data only, they decide no shape),
+             kept_slots (B, S'): only its length is read, S' = the kept length the counts give,
              past KV of layers < K (B, Hkv, P_full, dh) and of layers >= K (B, Hkv, P_kept, dh)
-    outputs: logits of the last token (B, V), present KV (same two groups), kept positions (B, S'),
-             image pivots (B, max(pivots_image, 1)): sequence indices, best first, -1 in unused slots
+    outputs: logits of the last token (B, V), present KV (same two groups), kept positions (B, S')
+             int32, image pivots (B, max(pivots_image, 1)) int32: sequence indices, best first, -1 in
+             unused slots
 
 At the input of layer K, `torch.ops.dart.prune` picks the kept tokens from layer K-1's output
 (through the final RMSNorm) and its post-RoPE keys; hidden states and position embeddings are
-gathered, so kept tokens keep their original positions. span_len 0 keeps all tokens, which is how
-decode steps (and unpruned prompts) run through the same graph. Everything model-specific (which
+gathered, so kept tokens keep their original positions. span_len 0 keeps all tokens (S' = S), which
+is how decode steps (and unpruned prompts) run through the same graph. The pruned length comes from
+kept_slots' shape, never from the scalars' values, so the exported graph has no shape-tensor input
+(dart_ops/onnx_op_slots.py; docs/TENSORRT_10.3.md section 4); the integer outputs are int32, what
+TensorRT 10.3's TopK and Gather produce natively (docs/TENSORRT_10.3.md section 7). Everything model-specific (which
 modules, the rotary of the position layout, how a cache is passed) goes through the adapter.
 """
 
@@ -25,8 +30,18 @@ import torch
 from torch import nn
 
 import dart_ops.torch_op  # noqa: F401  (registers torch.ops.dart.prune)
+from dart_ops import spec
 from dart_ops.reference import pivot_scores
 from dart_ops.text_adapter import TextAdapter, for_model
+
+
+def kept_len(seq: int, span_start: int, span_len: int, quota: int, pivots_image: int, pivots_text: int) -> int:
+    """S', the length of the decoder's kept_slots input, for a prompt of `seq` tokens with the vision span
+    [span_start, span_start + span_len) and quota T (per request). The span is clamped as the decoder
+    clamps it (the last prompt token is never pruned), so this is the length the graph produces;
+    the runtime computes the same with dart_ops.spec (runtime.steps.Prompt.kept_len)."""
+    return spec.kept_len(seq, span_start, spec.decoder_span(seq, span_start, span_len), quota, pivots_image,
+                         pivots_text)
 
 
 class _KVStandIn:
@@ -72,7 +87,8 @@ def image_pivots(keys: torch.Tensor, span_start: torch.Tensor, span_len: torch.T
     scores = torch.where(inside, scores, torch.full_like(scores, float("-inf")))
     padded = torch.cat([scores, scores.new_full((B, k), float("-inf"))], dim=1)  # (B, S + k)
     best, idx = torch.topk(padded, k, dim=1)  # (B, k)
-    return torch.where(best > float("-inf"), idx, torch.full_like(idx, -1))
+    # ONNX TopK's indices are int64 (TensorRT 10.3's are int32: docs/TENSORRT_10.3.md section 6): one Cast.
+    return torch.where(best > float("-inf"), idx, torch.full_like(idx, -1)).to(torch.int32)
 
 
 class DartDecoder(nn.Module):
@@ -131,12 +147,13 @@ class DartDecoder(nn.Module):
     def forward(
         self,
         inputs_embeds: torch.Tensor,  # (B, S, D)
-        position_ids: torch.Tensor,  # (B, S) or (3, B, S) int64, the adapter's layout
-        span_start: torch.Tensor,  # () int64
-        span_len: torch.Tensor,  # () int64; 0 = keep all tokens
-        quota: torch.Tensor,  # () int64, T tokens per pivot
+        position_ids: torch.Tensor,  # (B, S) or (3, B, S) int32, the adapter's layout
+        span_start: torch.Tensor,  # () int32
+        span_len: torch.Tensor,  # () int32; 0 = keep all tokens
+        quota: torch.Tensor,  # () int32, T tokens per pivot
         past_low: list[tuple[torch.Tensor, torch.Tensor]],  # K x (B, Hkv, P_full, dh)
         past_high: list[tuple[torch.Tensor, torch.Tensor]],  # (N-K) x (B, Hkv, P_kept, dh)
+        kept_slots: torch.Tensor | None = None,  # (B, S'), values unused; None: sized here (eager only)
     ):
         K, text = self.layer, self.text
         h = inputs_embeds
@@ -151,13 +168,15 @@ class DartDecoder(nn.Module):
         keys = text.scoring_keys(low.new_keys[K - 1])  # (B, S, Hkv * dh)
         # The last prompt token predicts the next one, so it is never pruned.
         span_len = torch.clamp(torch.minimum(span_len, S - 1 - span_start), min=0)
+        if kept_slots is None:
+            kept_slots = self.kept_slots(h.shape[0], S, int(span_start), int(span_len), int(quota), h.device)
         keep = torch.ops.dart.prune(
-            self.norm(h), keys, span_start, span_len, quota, self.pivots_image, self.pivots_text
-        )  # (B, S')
+            self.norm(h), keys, span_start, span_len, quota, kept_slots, self.pivots_image, self.pivots_text
+        )  # (B, S') int64
         pivots = image_pivots(keys, span_start, span_len, max(self.pivots_image, 1))  # (B, P)
         h = torch.gather(h, 1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, S', D)
         cos_sin = text.gather_positions(cos_sin, keep)  # (B, S', dh) each, original positions
-        kept_positions = text.kept_positions(position_ids, keep)  # (B, S')
+        kept_positions = text.kept_positions(position_ids, keep).to(torch.int32)  # (B, S')
 
         high = _KVStandIn(past_high, K)
         mask = self._mask(h.shape[1], past_high[0][0].shape[2], h.dtype, h.device)
@@ -165,6 +184,11 @@ class DartDecoder(nn.Module):
 
         logits = self.lm_head(self.norm(h[:, -1]))  # (B, V)
         return logits, low.present, high.present, kept_positions, pivots
+
+    def kept_slots(self, batch: int, seq: int, span_start: int, span_len: int, quota: int, device=None):
+        """The `kept_slots` input for a prompt (B, S'), zeros: S' as kept_len gives it."""
+        n = kept_len(seq, span_start, span_len, quota, self.pivots_image, self.pivots_text)
+        return torch.zeros(batch, n, dtype=torch.int32, device=device)
 
     def empty_past(self, batch: int, dtype: torch.dtype, device=None):
         """Zero-length past KV for both groups (what a prefill step passes)."""
@@ -175,10 +199,14 @@ class DartDecoder(nn.Module):
         return low, high
 
 
+# The decoder graph's inputs before the KV cache (FlatDecoder's order).
+HEAD_INPUTS = ("inputs_embeds", "position_ids", "span_start", "span_len", "quota", "kept_slots")
+
+
 class FlatDecoder(nn.Module):
     """`DartDecoder` with the KV cache as one flat tuple of tensors: the decoder graph's signature.
 
-    forward(inputs_embeds, position_ids, span_start, span_len, quota, past) where `past` is
+    forward(inputs_embeds, position_ids, span_start, span_len, quota, kept_slots, past) where `past` is
     (key_0, value_0, key_1, value_1, ...) over all layers (layers < K hold P_full entries, layers
     >= K hold P_kept) and returns (logits, *present in the same order, kept_positions, image_pivots).
     """
@@ -188,7 +216,7 @@ class FlatDecoder(nn.Module):
         self.decoder = decoder
 
     def input_names(self) -> list[str]:
-        return ["inputs_embeds", "position_ids", "span_start", "span_len", "quota"] + self._kv("past")
+        return list(HEAD_INPUTS) + self._kv("past")
 
     def output_names(self) -> list[str]:
         return ["logits"] + self.present_names() + ["kept_positions", "image_pivots"]
@@ -199,10 +227,10 @@ class FlatDecoder(nn.Module):
     def _kv(self, prefix: str) -> list[str]:
         return [f"{prefix}_{kind}_{i}" for i in range(self.decoder.num_layers) for kind in ("key", "value")]
 
-    def forward(self, inputs_embeds, position_ids, span_start, span_len, quota, past):
+    def forward(self, inputs_embeds, position_ids, span_start, span_len, quota, kept_slots, past):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.decoder.num_layers)]
         K = self.decoder.layer
         logits, low, high, kept, pivots = self.decoder(
-            inputs_embeds, position_ids, span_start, span_len, quota, pairs[:K], pairs[K:]
+            inputs_embeds, position_ids, span_start, span_len, quota, pairs[:K], pairs[K:], kept_slots
         )
         return (logits, *[t for kv in low + high for t in kv], kept, pivots)

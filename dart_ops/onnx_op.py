@@ -53,6 +53,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, OP_DOMAIN, OP_NAME, OP_VERSION
+
 # ONNX Runtime 1.31 refuses the IR 14 that onnx 1.23 writes by default.
 IR_VERSION = 10
 INPUTS = ("hidden", "keys", "span_start", "span_len", "quota")

@@ -18,9 +18,8 @@ profile over its dimensions.
     keep        (B, S') ascending kept token indices; int64, or int32 for a body built with
                 index_dtype="int32" (ONNX TopK's indices are int64: one Cast at the end)
 
-Contract: S' must equal `dart_ops.spec.effective_counts(L, S - a - L, max(quota, 0), pivots_image,
-pivots_text).kept_len(S)` (the runtime computes it before the call; S' = S when span_len is 0, as
-in decode steps), and span_len <= max_span. The graph cannot check either: without a
+Contract: S' must equal `dart_ops.spec.kept_len(S, a, L, quota, pivots_image, pivots_text)` (the
+runtime computes it before the call; S' = S when span_len is 0, as in decode steps), and span_len <= max_span. The graph cannot check either: without a
 data-dependent shape there is no loud failure TensorRT could raise, and an out-of-range Gather is
 undefined behaviour there (not an error). Out of contract the output stays well defined and every
 index in [0, S): output slot i depends only on i, so a too small S' cuts the kept indices and a too
@@ -62,7 +61,7 @@ import onnx
 from onnx import TensorProto, helper, inliner
 
 from dart_ops.onnx_op import ATTRIBUTES, IR_VERSION, _Body, _counts, check_pivots
-from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, OP_DOMAIN, OP_VERSION, effective_counts
+from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, OP_DOMAIN, OP_VERSION, kept_len
 
 OP_NAME = "DartPruneSlots"
 INPUTS = ("hidden", "keys", "span_start", "span_len", "quota", "kept_slots")
@@ -236,13 +235,6 @@ def standalone_model(pivots_image: int = 4, pivots_text: int = 4, opset: int = 1
     helper.set_model_props(model, {"pivots_image": str(pivots_image), "pivots_text": str(pivots_text)})
     model.ir_version = IR_VERSION
     return model
-
-
-def kept_len(seq_len: int, span_start: int, span_len: int, quota: int, pivots_image: int = 4,
-             pivots_text: int = 4) -> int:
-    """S', the length the caller gives kept_slots (a negative quota counts as 0, as in the op)."""
-    c = effective_counts(span_len, seq_len - span_start - span_len, max(int(quota), 0), pivots_image, pivots_text)
-    return c.kept_len(seq_len)
 
 
 def run_standalone(session_or_model, hidden, keys, span_start, span_len, quota, kept: int | None = None):

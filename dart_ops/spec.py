@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 # The ONNX custom op that carries DART inside exported graphs.
 OP_DOMAIN = "dart"
@@ -93,6 +93,21 @@ def effective_counts(
     return Counts(span_len, text_after, p_img, p_txt, t, p_img + p * t)
 
 
+def decoder_span(seq_len: int, span_start: int, span_len: int) -> int:
+    """The span length the decoder prunes: span_len clamped so the prompt's last token stays out of
+    it (it predicts the next token, so it is never pruned) and at 0 from below."""
+    return max(min(span_len, seq_len - 1 - span_start), 0)
+
+
+def kept_len(seq_len: int, span_start: int, span_len: int, quota: int, pivots_image: int = 4,
+             pivots_text: int = 4) -> int:
+    """S' for a prompt of `seq_len` tokens with the span [span_start, span_start + span_len) and
+    quota T (a negative quota counts as 0, as in the op): the length of DartPruneSlots' kept_slots
+    input (dart_ops/onnx_op_slots.py; the decoder's, with decoder_span's span)."""
+    c = effective_counts(span_len, seq_len - span_start - span_len, max(int(quota), 0), pivots_image, pivots_text)
+    return c.kept_len(seq_len)
+
+
 @dataclass(frozen=True)
 class DartConfig:
     """How DART prunes: at the input of decoder layer `layer` (K), with these pivots and budget.
@@ -142,7 +157,7 @@ class DartConfig:
     def pivots(self) -> int:
         return self.pivots_image + self.pivots_text
 
-    def with_ratio(self, keep_ratio: float) -> "DartConfig":
+    def with_ratio(self, keep_ratio: float) -> DartConfig:
         """The same layer and pivots with another keep ratio (validated like the constructor)."""
         return dataclasses.replace(self, keep_ratio=keep_ratio, budget=None)
 

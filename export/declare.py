@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.axes import VALUE_AXES
-from runtime.manifest import Axis, StageSpec, TensorSpec
+from runtime.manifest import INDEX_DTYPE, Axis, StageSpec, TensorSpec
 
 __all__ = ["StageDecl", "TensorDecl", "check_graph", "dynamic_shapes", "example_inputs", "signature"]
 
@@ -22,13 +21,10 @@ __all__ = ["StageDecl", "TensorDecl", "check_graph", "dynamic_shapes", "example_
 @dataclass(frozen=True)
 class TensorDecl:
     name: str
-    dtype: str  # numpy-style name: "float32", "float16", "int64"
+    dtype: str  # numpy-style name: "float32", "float16", "int32", "bool" (INDEX_DTYPE for indices)
     dims: tuple[int | str, ...]  # ints fixed; strings name dynamic axes (outputs: or derived labels)
     # Tracing value: "random" (randn / small ints) or "positions" (0..n-1 along the last dim).
     example: str = "random"
-    # 0-d integer inputs whose value sets shapes in the graph: the axis bounding the value
-    # (the manifest's TensorSpec.values; TensorRT shape-tensor profiles).
-    values: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,26 +50,31 @@ def text_decls(flat, dims: dict, dtype: str) -> dict[str, StageDecl]:
     K = flat.decoder.layer
     past = lambda i: "past_full" if i // 2 < K else "past_kept"  # noqa: E731  (KV in pairs: layer i // 2)
     names_in, names_present = flat.input_names(), flat.present_names()
-    kv_past = [T(n, dtype, ("batch", H, past(i), hd)) for i, n in enumerate(names_in[5:])]
+    kv_past = [T(n, dtype, ("batch", H, past(i), hd)) for i, n in enumerate(names_in[-len(names_present):])]
     kv_present = [T(n, dtype, ("batch", H, "seq + " + past(i), hd)) for i, n in enumerate(names_present)]
     positions = tuple(flat.decoder.text.position_shape)
+    I = INDEX_DTYPE  # noqa: E741  (every integer input and output: int32, runtime/manifest.py says why)
     return {
         "embed_tokens": StageDecl("embed_tokens", "embed_tokens.onnx",
-                                  inputs=(T("input_ids", "int64", ("batch", "seq")),),
+                                  inputs=(T("input_ids", I, ("batch", "seq")),),
                                   outputs=(T("inputs_embeds", dtype, ("batch", "seq", D)),)),
         "decoder": StageDecl("decoder", "decoder.onnx",
                              inputs=(T("inputs_embeds", dtype, ("batch", "seq", D)),
-                                     T("position_ids", "int64", positions, example="positions"),
-                                     *(T(n, "int64", (), values=n) for n in VALUE_AXES), *kv_past),
+                                     T("position_ids", I, positions, example="positions"),
+                                     # data only (masks, comparisons): no value decides a shape
+                                     *(T(n, I, ()) for n in ("span_start", "span_len", "quota")),
+                                     # S' from this input's last dim (dart_ops/onnx_op_slots.py)
+                                     T("kept_slots", I, ("batch", "kept"), example="zeros"),
+                                     *kv_past),
                              outputs=(T("logits", dtype, ("batch", V)), *kv_present,
-                                      T("kept_positions", "int64", ("batch", "kept")),
-                                      T("image_pivots", "int64", ("batch", max(flat.decoder.pivots_image, 1))))),
+                                      T("kept_positions", I, ("batch", "kept")),
+                                      T("image_pivots", I, ("batch", max(flat.decoder.pivots_image, 1))))),
     }
 
 
 def signature(decl: StageDecl) -> StageSpec:
     """The manifest's tensor signature of a stage."""
-    spec = lambda t: TensorSpec(t.name, t.dtype, tuple(t.dims), t.values)
+    spec = lambda t: TensorSpec(t.name, t.dtype, tuple(t.dims))
     return StageSpec(decl.file, inputs=tuple(map(spec, decl.inputs)), outputs=tuple(map(spec, decl.outputs)))
 
 
@@ -93,6 +94,8 @@ def example_inputs(decl: StageDecl, sizes: dict[str, int], values: dict[str, int
             out.append(torch.full(shape, values[t.name], dtype=dtype))
         elif t.example == "positions":  # (..., S): 0..S-1 along the last dim, the same for every row
             out.append(torch.arange(shape[-1], dtype=dtype).expand(shape))
+        elif t.example == "zeros":
+            out.append(torch.zeros(shape, dtype=dtype))
         elif dtype.is_floating_point:
             out.append(torch.randn(shape, generator=g).to(dtype))
         else:

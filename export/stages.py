@@ -5,7 +5,7 @@ file only chooses the text stages' tracing sizes (EXAMPLE_SIZES, EXAMPLE_VALUES)
 is traced on the family's example (Family.vision_examples).
 
 All three use the dynamo exporter (see dart_ops/onnx_export.py for why); the decoder carries one
-dart::DartPrune node whose function is attached afterwards. Example inputs use batch 2 (batch 1
+dart::DartPruneSlots node whose function is attached afterwards. Example inputs use batch 2 (batch 1
 would be specialised away) and lengths that are not 0 or 1.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from dart_ops.decoder import kept_len
 from dart_ops.onnx_export import attach_dart_function, translation_table
 from dart_ops.spec import MAX_SPAN
 from export.axes import EXAMPLE_SEQ, Axis
@@ -80,7 +81,9 @@ EXAMPLE_SIZES = {
     "embed_tokens": {"batch": EXAMPLE_BATCH, "seq": 17},
     "decoder": {"batch": EXAMPLE_BATCH, "seq": EXAMPLE_SEQ, "past_full": 0, "past_kept": 0},
 }
-EXAMPLE_VALUES = {"decoder": {"span_start": 10, "span_len": 60, "quota": 3}}
+# quota 1 prunes for any pivot count (<= MAX_PIVOTS = 16 kept + 16 harvested < 60), so the traced kept
+# length differs from seq: equal sizes could let the tracer merge the two axes.
+EXAMPLE_VALUES = {"decoder": {"span_start": 10, "span_len": 60, "quota": 1}}
 
 
 def _export_decl(module, decl: StageDecl, axes: dict[str, Axis], opset: int, nest=None, args=None,
@@ -89,10 +92,21 @@ def _export_decl(module, decl: StageDecl, axes: dict[str, Axis], opset: int, nes
     declared dynamic shapes; `nest` regroups the flat per-input lists into the module's arguments."""
     nest = nest or tuple
     if args is None:
-        args = example_inputs(decl, EXAMPLE_SIZES[decl.name], EXAMPLE_VALUES.get(decl.name))
+        args = example_inputs(decl, example_sizes(decl.name, module), EXAMPLE_VALUES.get(decl.name))
     shapes = dynamic_shapes(decl, axes)
     names = decl.input_names(), decl.output_names()
     return _export(module, nest(list(args)), nest(shapes), *names, opset, **dart_sizes)
+
+
+def example_sizes(stage: str, module) -> dict[str, int]:
+    """EXAMPLE_SIZES of a text stage; the decoder's "kept" (kept_slots' length) is the pruned length
+    of the EXAMPLE_VALUES prompt for this decoder's pivots (what the eager op requires)."""
+    sizes = dict(EXAMPLE_SIZES[stage])
+    if stage == "decoder":
+        v, dec = EXAMPLE_VALUES[stage], module.decoder
+        sizes["kept"] = kept_len(sizes["seq"], v["span_start"], v["span_len"], v["quota"], dec.pivots_image,
+                                 dec.pivots_text)
+    return sizes
 
 
 def export_vision_encoder(module, decl: StageDecl, axes: dict[str, Axis], opset: int, out: Path, example):
@@ -107,7 +121,7 @@ def export_embed_tokens(module, decl: StageDecl, axes: dict[str, Axis], opset: i
 
 
 def dart_sizes(flat, image_seq_len: int) -> dict:
-    """DartPrune's body sized to this model: one unrolled step per configured pivot, spans up to
+    """DartPruneSlots' body sized to this model: one unrolled step per configured pivot, spans up to
     the vision tokens of one image plus the pivot count, so the +inf padding is never empty (an
     empty tensor is one more thing for TensorRT's parser to get right). The manifest records
     max_span; the runtime refuses longer spans."""
@@ -120,7 +134,7 @@ def export_decoder(flat, decl: StageDecl, axes: dict[str, Axis], opset: int, out
     if decl.input_names() != flat.input_names() or decl.output_names() != flat.output_names():
         raise ValueError(f"decoder: declared tensors {decl.input_names()} -> {decl.output_names()} differ "
                          f"from the module's {flat.input_names()} -> {flat.output_names()}")
-    nest = lambda xs: (*xs[:5], tuple(xs[5:]))  # forward(embeds, pos, start, len, quota, past)
+    nest = lambda xs: (*xs[:6], tuple(xs[6:]))  # forward(embeds, pos, start, len, quota, kept_slots, past)
     model = _export_decl(flat, decl, axes, opset, nest, **sizes)
     set_metadata(model, {
         "dart.layer": dec.layer, "dart.pivots_image": dec.pivots_image, "dart.pivots_text": dec.pivots_text,

@@ -10,16 +10,21 @@ Writes vision_encoder.engine, embed_tokens.engine, decoder.engine next to the ON
 "tensorrt" section in manifest.json (TensorRT version, engine files, profiles, precision); the
 runtime refuses engines built by another TensorRT version.
 
-Optimization profiles come from the manifest's tensor signatures and dynamic_axes (declared once
-at export, export/declare.py); int64 scalars whose values set shapes inside DartPrune (Slice, Range,
-ConstantOfShape) name a value axis and become shape-tensor value ranges. The decoder gets two
-profiles, so its weights are stored once in one engine:
-    0 prefill  seq 1..max_seq, past_full = past_kept = 0, span/quota values over their axes
-    1 decode   seq 1, past_full and past_kept 1..max_context, span_start = span_len = quota = 0
+Optimization profiles come from the manifest's tensor signatures and dynamic_axes only (declared
+once at export, export/declare.py): every input gets a shape range from its dims, min/opt/max from
+the axes; a 0-d input (the decoder's int32 span_start, span_len, quota) gets the shape () in every
+profile. No input is a shape tensor: the decoder takes its pruned length S' from the last dim of
+kept_slots [batch, kept] and uses the span and quota as data only. Shape-tensor inputs are what
+TensorRT 10.3's Python API handles worst (profile values through the int32-only `set_shape_input`,
+host memory at run time; int64 values only from 10.11: docs/TENSORRT_10.3.md, section 4), so a
+network in which TensorRT finds one is refused before building. The decoder gets two profiles, so
+its weights are stored once in one engine:
+    0 prefill  seq and kept over their axes, past_full = past_kept = 0
+    1 decode   seq = kept = 1, past_full and past_kept 1..max_context
 Written against the TensorRT 10.3 Python API (JetPack 6) through polygraphy (>= 0.49):
-network_from_onnx_path, CreateConfig, Profile, engine_from_network, save_engine. TensorRT is
-imported only when building; it is not installable on the development machines, so the build
-itself is not run in CI (docs/JETSON.md says what is verified where).
+network_from_onnx_path, CreateConfig, Profile, engine_from_network, save_engine, ITensor.is_shape_tensor.
+TensorRT is imported only when building; it is not installable on the development machines, so the
+build itself is not run in CI (docs/JETSON.md says what is verified where).
 """
 
 from __future__ import annotations
@@ -62,7 +67,6 @@ class TrtConfig:
     max_batch: int | None = None  # tighter than the export's axes, never wider
     max_seq: int | None = None
     max_context: int | None = None
-    max_vision_tokens: int | None = None  # longest vision span DartPrune must take (<= dart.max_span)
     timing_cache: Path | None = None
     dry_run: bool = False
     verbose: bool = False
@@ -70,92 +74,98 @@ class TrtConfig:
 
 # --- profiles (pure: from the manifest, no TensorRT) --------------------------------------------
 
+Range = tuple[int, int, int]  # (min, opt, max)
 
-def _axes(manifest: dict, cfg: TrtConfig) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of each dynamic axis, optionally tightened by the build flags (value axes
-    follow: span_start below the prompt length, span_len and quota within --max-vision-tokens)."""
+
+def _tighten(axis: Range, limit: int) -> Range:
+    lo, opt, _ = axis
+    return lo, min(opt, limit), limit
+
+
+def _axes(manifest: dict, cfg: TrtConfig) -> dict[str, Range]:
+    """(min, opt, max) of each dynamic axis, optionally tightened by the build flags: --max-batch
+    bounds batch, --max-seq the prompt (seq) and the pruned prompt (kept, never longer than seq),
+    --max-context both KV lengths. A flag wider than the exported axis is an error."""
     axes = {n: (a["min"], a["opt"], a["max"]) for n, a in manifest["dynamic_axes"].items()}
-    max_span = manifest["dart"]["max_span"]
-    if cfg.max_vision_tokens is not None and cfg.max_vision_tokens > max_span:
-        raise TrtBuildError(f"--max-vision-tokens {cfg.max_vision_tokens} exceeds the exported DartPrune's "
-                            f"max_span {max_span}; re-export")
-    seq_limit = None if cfg.max_seq is None else cfg.max_seq - 1
     limits = {"batch": ("--max-batch", cfg.max_batch), "seq": ("--max-seq", cfg.max_seq),
-              "past_full": ("--max-context", cfg.max_context), "past_kept": ("--max-context", cfg.max_context),
-              "span_start": ("--max-seq", seq_limit), "span_len": ("--max-vision-tokens", cfg.max_vision_tokens),
-              "quota": ("--max-vision-tokens", cfg.max_vision_tokens)}
+              "past_full": ("--max-context", cfg.max_context), "past_kept": ("--max-context", cfg.max_context)}
     for name, (flag, limit) in limits.items():
         if limit is None or name not in axes:
             continue
-        lo, opt, hi = axes[name]
-        if limit > hi:
-            raise TrtBuildError(f"{flag} {limit} exceeds the exported axis '{name}' (max {hi}); re-export "
-                                "with a larger limit")
-        axes[name] = (lo, min(opt, limit), limit)
+        if limit > axes[name][2]:
+            raise TrtBuildError(f"{flag} {limit} exceeds the exported axis '{name}' (max {axes[name][2]}); "
+                                "re-export with a larger limit")
+        axes[name] = _tighten(axes[name], limit)
+    if cfg.max_seq is not None and "kept" in axes:
+        axes["kept"] = _tighten(axes["kept"], min(cfg.max_seq, axes["kept"][2]))
+    if "seq" in axes and "past_full" in axes and axes["seq"][2] > axes["past_full"][2]:
+        raise TrtBuildError(f"the longest prompt ({axes['seq'][2]} tokens) exceeds the longest context "
+                            f"({axes['past_full'][2]}); lower --max-seq or raise --max-context")
     return axes
 
 
-def _shape(dims: list, axes: dict[str, tuple[int, int, int]], fixed: dict[str, tuple[int, int, int]]):
-    """(min, opt, max) shapes of one input from its manifest dims."""
+def _shape(name: str, dims: list, axes: dict[str, Range]) -> tuple[list[int], list[int], list[int]]:
+    """min, opt and max shape of input `name` from its manifest dims (ints or axis names)."""
     out = ([], [], [])
     for d in dims:
-        rng = fixed.get(d) or axes[d] if isinstance(d, str) else (d, d, d)
+        if isinstance(d, str) and d not in axes:
+            raise TrtBuildError(f"input {name} has the dim '{d}', which manifest.json's dynamic_axes does not "
+                                "declare; re-export with this version of export.build")
+        rng = axes[d] if isinstance(d, str) else (d, d, d)
         for i in range(3):
-            out[i].append(rng[i])
-    return tuple(tuple(s) for s in out)
+            out[i].append(int(rng[i]))
+    return out
 
 
 def profile_specs(manifest: dict, stage: str, cfg: TrtConfig | None = None) -> list[dict]:
     """Optimization profiles of one stage as plain data, from the manifest's tensor signatures and
-    dynamic_axes only: [{"name": ..., "inputs": {input: {"min", "opt", "max", "kind": "shape"|"values"}}}].
-    Inputs with a "values" axis (the decoder's span_start, span_len, quota) get that axis as a value
-    range (TensorRT shape tensors). A stage with past_* inputs (the decoder) gets two profiles:
-    prefill (empty past) and decode (one token, past 1..max_context, every value axis 0)."""
+    dynamic_axes only: [{"name": ..., "inputs": {input: {"min": shape, "opt": shape, "max": shape}}}].
+    Every input is an ordinary (execution) tensor; a 0-d one gets the shape () everywhere. A stage
+    with past_* inputs (the decoder) gets two profiles: prefill (empty past; seq and kept over their
+    axes) and decode (seq = kept = 1, past 1..max_context, opt from the axes)."""
     cfg = cfg or TrtConfig(engine_dir=Path("."))
     axes = _axes(manifest, cfg)
     inputs = manifest["stages"][stage]["inputs"]
 
-    def spec(name: str, fixed: dict) -> dict:
+    def spec(name: str, fixed: dict[str, Range]) -> dict:
         table = {}
         for t in inputs:
-            if t.get("values"):
-                lo, opt, hi = fixed.get(t["values"]) or axes[t["values"]]
-                table[t["name"]] = {"min": [lo], "opt": [opt], "max": [hi], "kind": "values"}
-            else:
-                lo, opt, hi = _shape(t["shape"], axes, fixed)
-                table[t["name"]] = {"min": list(lo), "opt": list(opt), "max": list(hi), "kind": "shape"}
+            lo, opt, hi = _shape(t["name"], t["shape"], {**axes, **fixed})
+            table[t["name"]] = {"min": lo, "opt": opt, "max": hi}
         return {"name": name, "inputs": table}
 
     used = {d for t in inputs for d in t["shape"] if isinstance(d, str)}
     if not {"past_full", "past_kept"} & used:
         return [spec("default", {})]
     prefill = spec("prefill", {"past_full": (0, 0, 0), "past_kept": (0, 0, 0)})
-    ctx_full, ctx_kept = axes["past_full"], axes["past_kept"]
-    decode = spec("decode", {"seq": (1, 1, 1), "past_full": (1, max(ctx_full[1], 1), ctx_full[2]),
-                             "past_kept": (1, max(ctx_kept[1], 1), ctx_kept[2]),
-                             **{t["values"]: (0, 0, 0) for t in inputs if t.get("values")}})
+    step = {name: (1, max(axes[name][1], 1), axes[name][2]) for name in ("past_full", "past_kept") if name in axes}
+    decode = spec("decode", {"seq": (1, 1, 1), "kept": (1, 1, 1), **step})
     return [prefill, decode]
 
 
-def to_polygraphy(specs: list[dict], shape_tensors: set[str] | None = None) -> list:
-    """polygraphy Profile objects. `shape_tensors`: the inputs TensorRT parsed as shape tensors
-    (from the network at build time); a scalar that is not one gets the 0-d shape () instead of a
-    value range. None: trust the specs' "kind"."""
+def to_polygraphy(specs: list[dict]) -> list:
+    """polygraphy Profile objects: one shape range per input, never shape-tensor values."""
     from polygraphy.backend.trt import Profile
 
     profiles = []
     for s in specs:
         p = Profile()
         for name, r in s["inputs"].items():
-            if r["kind"] == "values" and shape_tensors is not None and name not in shape_tensors:
-                p.add(name, (), (), ())
-            elif r["kind"] != "values" and shape_tensors and name in shape_tensors:
-                raise TrtBuildError(f"TensorRT parses input {name} as a shape tensor, but the manifest gives it no "
-                                    "value range ('values'); re-export with this version of export.build")
-            else:
-                p.add(name, tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
+            p.add(name, tuple(r["min"]), tuple(r["opt"]), tuple(r["max"]))
         profiles.append(p)
     return profiles
+
+
+def check_network(network, stage: str) -> None:
+    """Refuse a parsed network in which TensorRT made an input a shape tensor (its values set a
+    shape). ITensor.is_shape_tensor is reliable once the network is complete, i.e. after parsing
+    (docs/TENSORRT_10.3.md, section 4, [H] NvInfer.h 457)."""
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        if t.is_shape_tensor:
+            raise TrtBuildError(f"{stage}: TensorRT parses input {t.name} as a shape tensor, which this project's "
+                                "graphs never have; re-export with this version of export.build "
+                                "(python -m export.check_trt names it)")
 
 
 # --- build (needs TensorRT) ----------------------------------------------------------------------
@@ -172,7 +182,8 @@ def _import_trt():
 
 def build_engines(cfg: TrtConfig) -> dict:
     """Build the three engines into cfg.engine_dir and add the "tensorrt" section to its manifest.
-    Returns that section."""
+    Returns that section. The plans are written under temporary names and renamed once all three
+    have built, so a failed stage (a refused network, an interrupt) leaves the directory as it was."""
     from runtime.manifest import read_manifest
 
     if not (cfg.engine_dir / "manifest.json").is_file():
@@ -186,45 +197,56 @@ def build_engines(cfg: TrtConfig) -> dict:
         raise TrtBuildError("--fp16 applies to weakly typed networks only (--no-strongly-typed); a strongly "
                             "typed network takes its precision from the ONNX graph: export with --dtype fp16")
     trt = _import_trt()
-    from polygraphy.backend.trt import CreateConfig, engine_from_network, network_from_onnx_path, save_engine
-
     strongly = cfg.strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     if cfg.strongly_typed and not strongly:
         log.warning("tensorrt: this TensorRT (%s) has no strongly typed networks; building weakly typed",
                     trt.__version__)
     pools = {trt.MemoryPoolType.WORKSPACE: cfg.workspace_mib << 20} if cfg.workspace_mib else None
-    engines = {}
-    for stage in STAGES:
-        onnx_path = cfg.engine_dir / schema.stages[stage].file
-        out = cfg.engine_dir / f"{stage}.engine"
-        t0 = time.perf_counter()
-        log.info("%s: building TensorRT engine from %s (%s)...", stage, onnx_path.name,
-                 "strongly typed" if strongly else ("fp16 allowed" if cfg.fp16 else "fp32"))
-        network = network_from_onnx_path(str(onnx_path), strongly_typed=strongly or None)
-        builder, net, _parser = network()
-        shape_tensors = {net.get_input(i).name for i in range(net.num_inputs) if net.get_input(i).is_shape_tensor}
-        config = CreateConfig(
-            fp16=cfg.fp16 or None, profiles=to_polygraphy(specs[stage], shape_tensors),
-            memory_pool_limits=pools,
-            load_timing_cache=str(cfg.timing_cache) if cfg.timing_cache and cfg.timing_cache.is_file() else None,
-        )
-        engine = engine_from_network((builder, net, _parser), config=config,
-                                     save_timing_cache=str(cfg.timing_cache) if cfg.timing_cache else None)
-        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        try:
-            save_engine(engine, str(tmp))
-            tmp.replace(out)
-        finally:
-            tmp.unlink(missing_ok=True)  # interrupted: no debris in the engine directory
-        engines[stage] = out.name
-        log.info("%s: built in %.1f s -> %s (%.1f MiB; shape tensors: %s)", stage, time.perf_counter() - t0,
-                 out.name, out.stat().st_size / 2**20, ", ".join(sorted(shape_tensors)) or "none")
+    built: dict[str, Path] = {}  # stage -> its plan under a temporary name
+    try:
+        for stage in STAGES:
+            onnx_path = cfg.engine_dir / schema.stages[stage].file
+            tmp = cfg.engine_dir / f".{stage}.engine.partial-{os.getpid()}"
+            t0 = time.perf_counter()
+            log.info("%s: building TensorRT engine from %s (%s)...", stage, onnx_path.name,
+                     "strongly typed" if strongly else ("fp16 allowed" if cfg.fp16 else "fp32"))
+            build_stage(stage, onnx_path, tmp, specs[stage], cfg, strongly, pools)
+            built[stage] = tmp
+            log.info("%s: built in %.1f s (%.1f MiB, %d profiles)", stage, time.perf_counter() - t0,
+                     tmp.stat().st_size / 2**20, len(specs[stage]))
+        for stage, tmp in built.items():
+            tmp.replace(cfg.engine_dir / f"{stage}.engine")
+    finally:
+        for tmp in built.values():
+            tmp.unlink(missing_ok=True)  # failed or interrupted: no debris in the engine directory
     section = {
-        "version": trt.__version__, "engines": engines, "strongly_typed": strongly, "fp16": cfg.fp16,
-        "workspace_mib": cfg.workspace_mib, "profiles": specs,
+        "version": trt.__version__, "engines": {stage: f"{stage}.engine" for stage in STAGES},
+        "strongly_typed": strongly, "fp16": cfg.fp16, "workspace_mib": cfg.workspace_mib, "profiles": specs,
     }
     _update_manifest(schema, section)
     return section
+
+
+def build_stage(stage: str, onnx_path: Path, out: Path, specs: list[dict], cfg: TrtConfig, strongly: bool,
+                pools: dict | None) -> None:
+    """Parse one ONNX graph, refuse shape-tensor inputs (check_network), build it with `specs`'
+    profiles and write the plan to `out` (removed again if writing fails)."""
+    from polygraphy.backend.trt import CreateConfig, engine_from_network, network_from_onnx_path, save_engine
+
+    # the lower-case polygraphy loaders are immediately evaluated: this returns the parsed network
+    builder, network, parser = network_from_onnx_path(str(onnx_path), strongly_typed=strongly or None)
+    check_network(network, stage)
+    config = CreateConfig(
+        fp16=cfg.fp16 or None, profiles=to_polygraphy(specs), memory_pool_limits=pools,
+        load_timing_cache=str(cfg.timing_cache) if cfg.timing_cache and cfg.timing_cache.is_file() else None,
+    )
+    engine = engine_from_network((builder, network, parser), config=config,
+                                 save_timing_cache=str(cfg.timing_cache) if cfg.timing_cache else None)
+    try:
+        save_engine(engine, str(out))
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
 
 
 def _update_manifest(manifest: Manifest, section: dict) -> Manifest:
@@ -265,11 +287,10 @@ def parse_args(argv=None) -> TrtConfig:
                    help="builder workspace memory-pool limit in MiB (default: TensorRT's, all free memory)")
     b.add_argument("--max-batch", type=int, default=d["max_batch"],
                    help="largest batch (default: the export's)")
-    b.add_argument("--max-seq", type=int, default=d["max_seq"], help="longest prompt (default: the export's)")
+    b.add_argument("--max-seq", type=int, default=d["max_seq"],
+                   help="longest prompt, before and after pruning (default: the export's)")
     b.add_argument("--max-context", type=int, default=d["max_context"],
                    help="prompt + generated tokens (default: the export's)")
-    b.add_argument("--max-vision-tokens", type=int, default=d["max_vision_tokens"],
-                   help="longest vision span to prune (default: the manifest's dart.max_span)")
     b.add_argument("--timing-cache", type=Path, default=d["timing_cache"],
                    help="load and save the builder timing cache here")
     p.add_argument("--dry-run", action="store_true", default=d["dry_run"],
@@ -277,14 +298,14 @@ def parse_args(argv=None) -> TrtConfig:
     p.add_argument("-v", "--verbose", action="store_true", default=d["verbose"],
                    help="debug logging and tracebacks")
     a = p.parse_args(argv)
-    for flag in ("workspace_mib", "max_batch", "max_seq", "max_context", "max_vision_tokens"):
+    for flag in ("workspace_mib", "max_batch", "max_seq", "max_context"):
         v = getattr(a, flag)
         if v is not None and v < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
     if not (a.engine_dir / "manifest.json").is_file():
         p.error(f"--engine-dir {a.engine_dir} has no manifest.json (export it first: python -m export.build)")
     return TrtConfig(a.engine_dir, a.strongly_typed, a.fp16, a.workspace_mib, a.max_batch, a.max_seq,
-                     a.max_context, a.max_vision_tokens, a.timing_cache, a.dry_run, a.verbose)
+                     a.max_context, a.timing_cache, a.dry_run, a.verbose)
 
 
 def format_profiles(specs: dict[str, list[dict]]) -> str:
@@ -293,8 +314,8 @@ def format_profiles(specs: dict[str, list[dict]]) -> str:
         for i, prof in enumerate(profiles):
             lines.append(f"{stage} profile {i} ({prof['name']}):")
             for name, r in prof["inputs"].items():
-                what = "values" if r["kind"] == "values" else "shape"
-                lines.append(f"  {name:16s} {what:6s} min {r['min']}  opt {r['opt']}  max {r['max']}")
+                rng = f"min {r['min']}  opt {r['opt']}  max {r['max']}" if r["min"] else "shape () (0-d)"
+                lines.append(f"  {name:16s} {rng}")
     return "\n".join(lines)
 
 

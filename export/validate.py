@@ -37,6 +37,8 @@ def _close(stage: str, name: str, got: np.ndarray, want: np.ndarray, tol: float,
     if got.shape != want.shape:
         raise ValidationError(f"{stage}: {name} has shape {got.shape}, eager gives {want.shape} ({where})")
     if np.issubdtype(want.dtype, np.integer):
+        if got.dtype != want.dtype:
+            raise ValidationError(f"{stage}: {name} is {got.dtype} in the graph, eager gives {want.dtype} ({where})")
         if not np.array_equal(got, want):
             n = int((got != want).sum())
             raise ValidationError(f"{stage}: {name} differs from eager in {n} entries ({where})")
@@ -75,12 +77,11 @@ def validate(out: Path, modules: dict, decls: dict, examples, dims: dict, counts
             ref = _outputs(ref_of("vision_encoder", *up)) if half else [None] * len(want)
             got = sess.run(None, {t.name: x.numpy() for t, x in zip(vision.inputs, inputs)})
             for t, g_, w, r in zip(vision.outputs, got, want, ref):
-                _close("vision_encoder", t.name, g_ if g_.dtype == np.int64 else g_.astype(np.float32),
-                       w.numpy() if w.dtype == torch.long else w.float().numpy(), tol, where,
+                _close("vision_encoder", t.name, _as_compared(g_), _as_compared(w), tol, where,
                        None if r is None else r.float().numpy())
 
         # embed tokens: another length (a lookup: exact in any dtype)
-        ids = torch.randint(0, dims["vocab_size"], (1, 29), generator=g)
+        ids = torch.randint(0, dims["vocab_size"], (1, 29), generator=g, dtype=torch.int32)
         want = modules["embed_tokens"](ids).float().numpy()
         (got,) = _session(out / "embed_tokens.onnx").run(None, {"input_ids": ids.numpy()})
         _close("embed_tokens", "inputs_embeds", got.astype(np.float32), want, tol, "seq 29")
@@ -95,10 +96,11 @@ def validate(out: Path, modules: dict, decls: dict, examples, dims: dict, counts
         c = counts_for(L, after)
         span_len = L if c.prune else 0
         embeds = (torch.randn(1, S, dims["hidden_size"], generator=g) * 0.5).to(dtype)
-        pos = _positions(flat, torch.arange(S))  # the family's layout: (1, S) or (3, 1, S)
+        pos = _positions(flat, torch.arange(S, dtype=torch.int32))  # the family's layout: (1, S) or (3, 1, S)
         past = tuple(torch.zeros(1, dims["num_kv_heads"], 0, dims["head_dim"], dtype=dtype)
                      for _ in range(2 * dims["num_layers"]))
-        step_inputs = [embeds, pos, torch.tensor(a), torch.tensor(span_len), torch.tensor(c.quota)]
+        kept = flat.decoder.kept_slots(1, S, a, span_len, c.quota)  # (1, S')
+        step_inputs = [embeds, pos, *_ints(a, span_len, c.quota), kept]
         where = f"prefill S={S}, span [{a}, {a + L}), quota {c.quota}"
         up = lambda ts: [t.float() if t.is_floating_point() else t for t in ts]  # noqa: E731
         want = flat(*step_inputs, past)
@@ -108,14 +110,26 @@ def validate(out: Path, modules: dict, decls: dict, examples, dims: dict, counts
         _compare_decoder(names_out, got, want, tol, where, ref, pruned_from=flat.decoder.layer)
         present = tuple(want[1:1 + len(flat.present_names())])  # the KV the decode step continues from
 
-        step = [(torch.randn(1, 1, dims["hidden_size"], generator=g) * 0.5).to(dtype), _positions(flat, torch.tensor([S])),
-                torch.tensor(0), torch.tensor(0), torch.tensor(0)]
+        step = [(torch.randn(1, 1, dims["hidden_size"], generator=g) * 0.5).to(dtype),
+                _positions(flat, torch.tensor([S], dtype=torch.int32)), *_ints(0, 0, 0), flat.decoder.kept_slots(1, 1, 0, 0, 0)]
         want2 = flat(*step, present)
         ref2 = ref_of("decoder", *up(step), tuple(up(present)))
         feeds = {n: t.numpy() for n, t in zip(names_in, [*step, *present])}
         got2 = sess.run(None, feeds)
         _compare_decoder(names_out, got2, want2, tol, f"decode step at position {S}", ref2)
     log.info("validate: all stages match eager PyTorch (tolerance %g)", tol)
+
+
+def _ints(*values: int) -> list[torch.Tensor]:
+    """0-d int32 tensors: the decoder's span_start, span_len and quota (INDEX_DTYPE)."""
+    return [torch.tensor(v, dtype=torch.int32) for v in values]
+
+
+def _as_compared(x) -> np.ndarray:
+    """An output as compared: integers exactly as they are, floats as float32 (numpy or torch in)."""
+    if isinstance(x, torch.Tensor):
+        x = x.numpy() if not x.is_floating_point() else x.float().numpy()
+    return x if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
 
 
 def _outputs(result) -> list:
@@ -140,23 +154,23 @@ def _compare_decoder(names, got, want, tol, where, ref=None, pruned_from: int | 
     max(2, 3 %) of the kept tokens may differ; the outputs computed from the kept tokens (logits, KV
     of layers >= K) are not compared, the KV of layers < K is, and the decode step that follows is
     compared in full (it continues from eager's cache)."""
-    order = sorted(range(len(names)), key=lambda i: want[i].dtype != torch.long)
+    order = sorted(range(len(names)), key=lambda i: want[i].is_floating_point())
     flipped = False
     for i in order:
         name, g_, w = names[i], got[i], want[i]
         if flipped and (name == "logits" or _layer(name) >= pruned_from):
             continue
-        w = w.numpy() if w.dtype == torch.long else w.float().numpy()
+        w = _as_compared(w)
         if name == "kept_positions" and ref is not None and pruned_from is not None:
             flipped = _near_tie_flips(g_, w, where)
             if flipped:
                 continue
-        r = None if ref is None or w.dtype == np.int64 else ref[i].float().numpy()
+        r = None if ref is None or np.issubdtype(w.dtype, np.integer) else ref[i].float().numpy()
         if r is not None and r.shape != w.shape:  # the fp32 reference kept other tokens: compare with eager only
             r = None
         if flipped and name == "image_pivots":  # pivots are chosen before the harvest: still exact
             r = None
-        _close("decoder", name, g_ if g_.dtype == np.int64 else g_.astype(np.float32), w, tol, where, r)
+        _close("decoder", name, _as_compared(g_), w, tol, where, r)
 
 
 def _layer(name: str) -> int:

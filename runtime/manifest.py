@@ -1,4 +1,4 @@
-"""The manifest schema of an engine directory (docs/ENGINE_FORMAT.md, format_version 2): read,
+"""The manifest schema of an engine directory (docs/ENGINE_FORMAT.md, format_version 3): read,
 validated and written here; the exporter (export/manifest.py) builds these objects and writes them.
 
 `read_manifest(engine_dir)` parses the manifest into frozen dataclasses, refusing any value outside
@@ -42,20 +42,23 @@ MAX_IMAGE = 4096  # preprocess.image_size, preprocess.shortest_edge
 MAX_RANK = 8
 OPSET_RANGE = (7, 64)
 RESAMPLE = ("bicubic", "bilinear")  # the filters runtime/preprocess.py reproduces exactly
+# The dtype of every integer input and output of the graphs (ids, positions, spans, kept indices,
+# vision index tables). TensorRT 10.3 uses INT32 for indices natively: its ONNX parser casts INT64
+# Gather/GatherElements indices on non-INT64 data and all ScatterElements indices to INT32, and
+# its TopK/NonZero layers produce INT32 (docs/TENSORRT_10.3.md sections 3 and 7, citing the 10.3
+# headers NvInfer.h and the onnx-tensorrt parser); INT64 I/O would build, but needs INT64 bindings
+# and casts at every use. Values here are bounded far below 2**31 (MAX_TOKENS).
+INDEX_DTYPE = "int32"
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # numpy-style name: "float32", "float16", "int64"
+    dtype: str  # numpy-style name: "float32", "float16", "int32", "bool"
     shape: tuple[int | str, ...]  # ints for fixed dims, names (keys of dynamic_axes) for dynamic ones
-    # 0-d integer inputs whose VALUE sets shapes inside the graph (the decoder's span and quota):
-    # the axis in dynamic_axes whose min/opt/max bound the value (TensorRT profiles them as
-    # shape-tensor values). None for every other tensor (and not written).
-    values: str | None = None
 
     def to_json(self) -> dict:
-        return fields_json(self, skip=() if self.values else ("values",))
+        return fields_json(self)
 
 
 QUANT_FORMATS = ("MatMulNBits", "GatherBlockQuantized", "QDQ")  # com.microsoft ops (ONNX Runtime); DQ -> MatMul

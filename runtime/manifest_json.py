@@ -21,7 +21,9 @@ from typing import Any
 from runtime.errors import EngineError
 
 FORMAT = "dart-vlm-engine"
-FORMAT_VERSION = 2  # 1 -> 2: written from runtime/manifest.py's schema (docs/ENGINE_FORMAT.md, "Versions")
+# 1 -> 2: written from runtime/manifest.py's schema; 2 -> 3: the decoder takes kept_slots (no shape-tensor
+# inputs) and integer I/O is int32 (docs/ENGINE_FORMAT.md, "Versions")
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 EXPORT_HINT = "python -m export.build --model MODEL --out DIR"  # MODEL: the preset or checkpoint it came from
 MAX_EOS = 64  # entries of tokens.eos_token_id

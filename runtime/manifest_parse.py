@@ -33,10 +33,7 @@ def _tensor(d: Any, where: str) -> TensorSpec:
         if isinstance(dim, int):
             _in_range(dim, f"{where}.shape[{i}]", 0, MAX_DIM)
     dtype = _dtype(d, "dtype", where + ".")
-    values = _get(d, "values", str, where + ".", None)
-    if values is not None and (shape or not dtype.startswith("int")):
-        raise _fail(f"'{where}.values' is only for 0-d integer inputs (this one is {dtype} {shape})")
-    return TensorSpec(_get(d, "name", str, where + "."), dtype, tuple(shape), values)
+    return TensorSpec(_get(d, "name", str, where + "."), dtype, tuple(shape))
 
 
 def _stage(name: str, d: Any) -> StageSpec:
@@ -216,7 +213,7 @@ def _stages(section: dict, axes: dict[str, Axis]) -> dict[str, StageSpec]:
     # profiles); outputs may have derived dims ("kept", "seq + past_full") that are only labels.
     for stage_name, stage in stages.items():
         for t in stage.inputs:
-            for dim in (*t.shape, t.values):
+            for dim in t.shape:
                 if isinstance(dim, str) and dim not in axes:
                     raise _fail(f"stages.{stage_name} input '{t.name}' uses axis '{dim}' "
                                 "that dynamic_axes does not declare")

@@ -32,11 +32,12 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from dart_ops.spec import decoder_span
 from runtime.engine import check_trt_engines, check_trt_version, load  # noqa: F401  (re-exported)
 from runtime.engine_checks import check_graphs
 from runtime.errors import EngineError, InputError
 from runtime.families import VisionInput, as_array, np_dtype, rules_for
-from runtime.manifest import Manifest
+from runtime.manifest import INDEX_DTYPE, Manifest
 from runtime.output import GenerateOutput, KeptView, Streamer, cap_new_tokens
 from runtime.output import Streamer as _Streamer  # noqa: F401  (its old name here)
 from runtime.preprocess import ImageLike
@@ -47,13 +48,28 @@ from runtime.steps import Prompt, Request, State, step_timings
 
 log = logging.getLogger(__name__)
 
-DECODER_INPUTS = ("inputs_embeds", "position_ids", "span_start", "span_len", "quota")
+DECODER_INPUTS = ("inputs_embeds", "position_ids", "span_start", "span_len", "quota", "kept_slots")
 DECODER_OUTPUTS = ("logits", "kept_positions")
 PIVOTS_OUTPUT = "image_pivots"  # (1, P) sequence indices of the image pivots, -1 unused (engines since issue 13)
 
 
+INDEX = np.dtype(INDEX_DTYPE)  # every integer input of the graphs (runtime/manifest.py says why)
+
+
 def _scalar(v: int) -> np.ndarray:
-    return np.array(v, dtype=np.int64)  # 0-d int64, as the decoder's span_start/span_len/quota
+    return np.array(v, dtype=INDEX)  # 0-d, as the decoder's span_start/span_len/quota
+
+
+def _index(x: np.ndarray) -> np.ndarray:
+    """Position ids as the decoder takes them (a family's rules may give any integer dtype; values are
+    bounded by max_context, far below 2**31)."""
+    return np.asarray(x, dtype=INDEX)
+
+
+def _kept_slots(n: int) -> np.ndarray:
+    """The decoder's kept_slots input (1, n): only its length is read, the pruned length S'
+    (dart_ops/onnx_op_slots.py: how the graph has no shape-tensor input)."""
+    return np.zeros((1, n), dtype=INDEX)
 
 
 def _finite(x: np.ndarray, stage: str, what: str) -> np.ndarray:
@@ -149,9 +165,11 @@ class Pipeline:
         self._check_length(S)
         max_new_tokens = self._cap_new_tokens(S, max_new_tokens)
         a, L = spans[0] if spans else (0, 0)  # DART prunes the first image's span
-        counts = m.dart.config(ratio, keep_tokens).counts(L, S - a - L)
-        if counts.prune and L > m.dart.max_span:
-            raise EngineError(f"vision span of {L} tokens exceeds the engine's max_span {m.dart.max_span}")
+        L_dec = decoder_span(S, a, L)  # as the decoder clamps it: the last token is never pruned
+        counts = m.dart.config(ratio, keep_tokens).counts(L_dec, S - a - L_dec)
+        # The graph cannot check this (no data-dependent shape can fail in it: onnx_op_slots' contract).
+        if counts.prune and L_dec > m.dart.max_span:
+            raise EngineError(f"vision span of {L_dec} tokens exceeds the engine's max_span {m.dart.max_span}")
         positions = self.rules.positions(ids, spans, vision)
         return Prompt(ids, vision, spans, (a, L), positions, ratio, counts, max_new_tokens, sampler,
                       r.stream, r.ignore_eos)
@@ -200,7 +218,7 @@ class Pipeline:
         if prompt.vision is not None:
             features = self.vision.run(prompt.vision.feeds)[self.features_name]  # (1, N, D)
         t1 = time.perf_counter()
-        embeds = self._embed(np.asarray([prompt.ids], dtype=np.int64))  # (1, S, D)
+        embeds = self._embed(np.asarray([prompt.ids], dtype=INDEX))  # (1, S, D)
         embeds = _finite(embeds.astype(self.embeds_dtype, copy=False), "embed_tokens", self.embeds_name)
         if features is not None:
             embeds = self.rules.place(embeds, features, prompt.spans)  # checks the shape first
@@ -209,10 +227,11 @@ class Pipeline:
         loop = self.kv_loop()
         out = loop.run({
             "inputs_embeds": embeds,
-            "position_ids": prompt.positions.prefill,  # (1, S)
+            "position_ids": _index(prompt.positions.prefill),  # (1, S) or (3, 1, S)
             "span_start": _scalar(prompt.span[0]),
             "span_len": _scalar(prompt.span_len),
             "quota": _scalar(prompt.counts.quota),
+            "kept_slots": _kept_slots(prompt.kept_len),  # (1, S')
             **self.empty_past,
         })
         _finite(out["logits"], "decoder", "logits (prefill)")
@@ -225,13 +244,14 @@ class Pipeline:
     def decode_step(self, state: State, token: int) -> np.ndarray:
         """Feed `token` at the next decode position; returns (and keeps in state) the logits (V,)."""
         t = state.steps
-        emb = self._embed(np.array([[token]], dtype=np.int64))  # (1, 1, D)
+        emb = self._embed(np.array([[token]], dtype=INDEX))  # (1, 1, D)
         out = state.loop.run({  # past KV: carried from the previous call
             "inputs_embeds": emb.astype(self.embeds_dtype, copy=False),
-            "position_ids": self.rules.decode_positions(state.prompt.positions.decode_start + t),
+            "position_ids": _index(self.rules.decode_positions(state.prompt.positions.decode_start + t)),
             "span_start": _scalar(0),
             "span_len": _scalar(0),
             "quota": _scalar(0),
+            "kept_slots": _kept_slots(1),
         })
         _finite(out["logits"], "decoder", f"logits (decode step {t + 1})")
         state.steps, state.logits = t + 1, out["logits"][0]

@@ -188,14 +188,14 @@ def _image_run(ids: np.ndarray, image_pad_id: int) -> tuple[int, int]:
 
 def mrope_positions(ids, image_pad_id: int, grid: tuple[int, int] | None,
                     merge: int = 2) -> tuple[np.ndarray, int]:
-    """(position_ids (3, 1, S) int64, rope_delta) of a prompt, as transformers'
+    """(position_ids (3, 1, S) int32 (the decoder's INDEX_DTYPE), rope_delta) of a prompt, as transformers'
     Qwen2VLModel.get_rope_index computes them (one image of grid (gh, gw) patches, or none: grid None
     and no image token; then the three rows are arange(S) and rope_delta is 0). rope_delta =
     max(position) + 1 - S (negative with an image); decode step t uses decode_positions."""
     ids = np.asarray(ids).reshape(-1)  # (S,) from (S,) or (1, S)
     S = ids.size
     start, n = _image_run(ids, image_pad_id)
-    pos = np.empty((3, S), np.int64)
+    pos = np.empty((3, S), np.int32)
     if grid is None:
         if n:
             raise InputError(f"the prompt holds {n} image tokens but no image grid was given")
@@ -215,7 +215,7 @@ def mrope_positions(ids, image_pad_id: int, grid: tuple[int, int] | None,
 
 
 def decode_positions(S: int, t: int, rope_delta: int) -> np.ndarray:
-    """position_ids (3, 1, 1) int64 of decode step t = 0, 1, ...: the token at sequence index S + t
+    """position_ids (3, 1, 1) int32 of decode step t = 0, 1, ...: the token at sequence index S + t
     (the first generated token is fed back at index S) sits at S + t + rope_delta in all three rows.
     S counts the unpruned prompt, whatever DART kept."""
-    return np.full((3, 1, 1), S + t + rope_delta, np.int64)
+    return np.full((3, 1, 1), S + t + rope_delta, np.int32)

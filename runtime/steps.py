@@ -56,8 +56,15 @@ class Prompt:
 
     @property
     def span_len(self) -> int:
-        """The span length fed to the decoder: 0 when DART does not prune (nothing to prune)."""
-        return self.span[1] if self.counts.prune else 0
+        """The span length fed to the decoder: 0 when DART does not prune (nothing to prune). The
+        counts are those of the span as the decoder clamps it (dart_ops.spec.decoder_span: the last
+        prompt token is never pruned), so this may be one less than span[1]."""
+        return self.counts.span_len if self.counts.prune else 0
+
+    @property
+    def kept_len(self) -> int:
+        """S', the prefill's kept length (the decoder's kept_slots length): S when nothing is pruned."""
+        return self.counts.kept_len(len(self.ids)) if self.counts.prune else len(self.ids)
 
 
 @dataclass

@@ -2,8 +2,16 @@
 TensorRT engine (the Jetson path: TensorRT 10.3, JetPack 6). tensorrt and cuda-python are imported
 lazily; pick_profile and coerce_input are pure. One execution context per optimization profile
 (decoder: 0 = prefill, 1 = decode), created on first use and bound to its profile once; each call
-picks the first profile whose ranges hold every input. Device buffers are cached per tensor name
-and only grow. Not thread-safe.
+picks the first profile whose shape ranges hold every input. Device buffers are cached per tensor
+name and only grow. Not thread-safe.
+
+Every input is an ordinary execution tensor in device memory, 0-d ones included (the decoder's
+int32 span_start, span_len, quota are data; its pruned length comes from kept_slots' shape). An
+engine with a shape-tensor input (values on the host, value ranges in the profiles: what older
+exports' int64 span/quota scalars became) is refused at load: TensorRT 10.3's Python API takes
+shape-tensor profile values as int32 only (docs/TENSORRT_10.3.md, section 4), and this project's
+graphs no longer have such inputs. Integer feeds are cast to the engine's dtype where no value
+changes (int64 -> int32 when every value fits); the runtime feeds int32 where the manifest says so.
 
 `run(feeds)` copies every input to the GPU and every output back. `kv_loop(carry, fetch)` (the
 decode loop, runtime.stage.KVLoop) keeps the carried outputs (present KV) on the GPU: after each
@@ -20,17 +28,17 @@ TensorRT Python API relied on (docs.nvidia.com/deeplearning/tensorrt/latest/_sta
 infer/Core/Engine.html and .../ExecutionContext.html; bindings in NVIDIA/TensorRT
 python/src/infer/pyCore.cpp):
   ICudaEngine: num_io_tensors, get_tensor_name(i), get_tensor_mode/dtype/location(name),
-    is_shape_inference_io(name), get_tensor_profile_shape(name, profile_index) -> [min, opt, max],
-    get_tensor_profile_values(profile_index, name) -> [min, opt, max] value lists (the C++ lambda
-    takes the index first although its keyword names read (name, profile_index): call positionally),
-    create_execution_context().
+    is_shape_inference_io(name) (NvInferRuntime.h: an input "whose value is required for
+    IExecutionContext::getTensorShape() to return the shape of a network output", i.e. a shape
+    tensor: refused here; kept_slots, whose dims alone set S', is not one),
+    get_tensor_profile_shape(name, profile_index) -> [min, opt, max], create_execution_context().
   IExecutionContext: set_optimization_profile_async(profile_index, stream_handle) (raises on
     failure), set_input_shape(name, shape), set_tensor_address(name, int), get_tensor_shape(name),
     set_output_allocator(name, allocator), execute_async_v3(stream_handle) -> bool.
-  IExecutionContext::setTensorAddress (NvInferRuntime.h): a kHOST tensor (input shape tensor)
-    takes a host pointer; every input needs a non-null address; an output whose getTensorShape
-    has a -1 after all input shapes are set needs an IOutputAllocator; setting both an address
-    and an allocator for one output is allowed.
+  IExecutionContext::setTensorAddress (NvInferRuntime.h): every input needs a non-null address,
+    also one only whose dimensions matter (kept_slots; docs/TENSORRT_10.3.md, section 4); an
+    output whose getTensorShape has a -1 after all input shapes are set needs an IOutputAllocator;
+    setting both an address and an allocator for one output is allowed.
   IOutputAllocator (10.x): reallocate_output(tensor_name, memory, size, alignment) and
     reallocate_output_async(..., stream); the binding calls reallocate_output when
     reallocate_output_async is not overridden; notify_shape(tensor_name, shape) before
@@ -56,7 +64,7 @@ TRT_HINT = ("TensorRT's Python bindings are not installed: on Jetson they come w
 CUDA_HINT = "cuda-python is not installed: `pip install cuda-python` (its major version must match CUDA's)"
 
 Shape = tuple[int, ...]
-Ranges = Sequence[Mapping[str, tuple[Sequence[int], Sequence[int]]]]  # per profile: name -> (min, max)
+Ranges = Sequence[Mapping[str, tuple[Sequence[int], Sequence[int]]]]  # per profile: name -> (min, max) shape
 
 
 def trt_version() -> str | None:
@@ -90,33 +98,29 @@ def _import_cudart():
 # --- pure helpers -------------------------------------------------------------------------------
 
 
-def _misfit(bounds: Mapping[str, tuple[Sequence[int], Sequence[int]]], got: Mapping[str, Sequence[int]],
-            what: str) -> str | None:
-    """Why `got` does not fit one profile's min/max bounds (None when it fits)."""
+def _misfit(bounds: Mapping[str, tuple[Sequence[int], Sequence[int]]], shapes: Mapping[str, Shape]) -> str | None:
+    """Why `shapes` do not fit one profile's min/max shapes (None when they fit)."""
     for name, (lo, hi) in bounds.items():
-        if name not in got:
+        if name not in shapes:
             continue
-        x, lo, hi = tuple(got[name]), tuple(lo), tuple(hi)
+        x, lo, hi = tuple(shapes[name]), tuple(lo), tuple(hi)
         if len(x) != len(lo):
-            return f"{name} {what} {x} has rank {len(x)}, the profile wants {len(lo)} ({lo}..{hi})"
+            return f"{name} shape {x} has rank {len(x)}, the profile wants {len(lo)} ({lo}..{hi})"
         if any(not a <= v <= b for v, a, b in zip(x, lo, hi)):
-            return f"{name} {what} {x} is outside {lo}..{hi}"
+            return f"{name} shape {x} is outside {lo}..{hi}"
     return None
 
 
-def pick_profile(ranges: Ranges, shapes: Mapping[str, Shape], value_ranges: Ranges | None = None,
-                 values: Mapping[str, Sequence[int]] | None = None, where: str = "engine") -> int:
+def pick_profile(ranges: Ranges, shapes: Mapping[str, Shape], where: str = "engine") -> int:
     """Index of the first optimization profile whose (min, max) shapes hold every input shape
-    (same rank, min <= dim <= max) and, for shape-tensor inputs, whose (min, max) value ranges hold
-    their values. Inputs a profile does not list are not checked. Raises EngineError naming, per
-    profile, the first input that does not fit."""
+    (same rank, min <= dim <= max); by shapes only, as no input is a shape tensor. Inputs a
+    profile does not list are not checked. Raises EngineError naming, per profile, the first
+    input that does not fit."""
     if not ranges:
         raise EngineError(f"{where}: the engine has no optimization profiles")
     reasons = []
     for idx, bounds in enumerate(ranges):
-        why = _misfit(bounds, shapes, "shape")
-        if why is None and value_ranges is not None and values:
-            why = _misfit(value_ranges[idx], values, "values")
+        why = _misfit(bounds, shapes)
         if why is None:
             return idx
         reasons.append(f"profile {idx}: {why}")
@@ -208,7 +212,7 @@ def _make_allocator(trt, buffers: _DeviceBuffers):
             self.asked.add(tensor_name)
             try:  # exceptions cannot cross into TensorRT: record, return nullptr (execute fails)
                 return buffers.ensure(tensor_name, int(size))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  any failure: TensorRT gets a null pointer
                 self.error = str(exc)
                 return 0
 
@@ -270,33 +274,26 @@ class TrtStage:
             except (TypeError, KeyError):  # bf16 / fp8 / int4 have no numpy type
                 raise self._error(f"tensor {n} is {engine.get_tensor_dtype(n)}, which numpy cannot hold; "
                                   "rebuild the engine with float32/float16 I/O") from None
-        self._host = {n for n in self.input_names if engine.get_tensor_location(n) == trt.TensorLocation.HOST}
-        self._shape_inputs = [n for n in self.input_names if engine.is_shape_inference_io(n)]
+        self._refuse_shape_inputs(trt)
         self.ranges: list[dict] = []  # per profile: input -> (min shape, max shape)
-        self.value_ranges: list[dict] = []  # per profile: shape-tensor input -> (min values, max values)
         for p in range(engine.num_optimization_profiles):
-            shapes, values = {}, {}
-            for n in self.input_names:
-                if n not in self._shape_inputs:
-                    mm = engine.get_tensor_profile_shape(n, p)
-                    shapes[n] = (tuple(mm[0]), tuple(mm[2]))
-                    continue
-                fixed = tuple(engine.get_tensor_shape(n))  # a shape tensor's profile bounds its values
-                if all(d >= 0 for d in fixed):
-                    shapes[n] = (fixed, fixed)
-                try:  # positional (profile_index, name): see the module docstring
-                    mm = engine.get_tensor_profile_values(p, n)
-                except Exception:  # not an input shape binding after all: no value bounds
-                    mm = None
-                if mm:
-                    values[n] = (tuple(mm[0]), tuple(mm[2]))
-            self.ranges.append(shapes)
-            self.value_ranges.append(values)
+            bounds = [engine.get_tensor_profile_shape(n, p) for n in self.input_names]  # [min, opt, max]
+            self.ranges.append({n: (tuple(mm[0]), tuple(mm[2])) for n, mm in zip(self.input_names, bounds)})
         log.info("%s: loaded %s (TensorRT %s, %d profiles)", self.name, self.path.name, trt.__version__,
                  len(self.ranges))
 
     def _error(self, msg: str) -> EngineError:
         return EngineError(f"{self.name}: {msg}")
+
+    def _refuse_shape_inputs(self, trt) -> None:
+        """An input TensorRT made a shape tensor (host memory, values in the profile): built from an
+        export older than this version, whose graphs have none (module docstring)."""
+        engine = self._engine
+        for n in self.input_names:
+            if engine.is_shape_inference_io(n) or engine.get_tensor_location(n) == trt.TensorLocation.HOST:
+                raise self._error(f"input {n} of {self.path.name} is a shape tensor (an engine built from an older "
+                                  "export); re-export and re-build it with this version (python -m export.build, "
+                                  "then python -m export.trt)")
 
     def _context(self, profile: int):
         """The execution context bound to `profile`, created on first use (TensorRT: a context's
@@ -308,7 +305,7 @@ class TrtStage:
                 raise self._error("TensorRT could not create an execution context (out of GPU memory?)")
             try:
                 ctx.set_optimization_profile_async(profile, int(self._stream))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  the binding raises a plain RuntimeError or TypeError
                 raise self._error(f"TensorRT could not select profile {profile} ({exc})") from None
             self._contexts[profile] = ctx
         return ctx
@@ -335,12 +332,11 @@ class TrtStage:
 
     def _execute(self, arrays: dict[str, np.ndarray], carried: Mapping[str, Shape],
                  fetch: Sequence[str]) -> _Executed:
-        """One execution: `arrays` are copied to the device (shape tensors are read from the host),
-        `carried` inputs are already in their device buffers with these shapes; the `fetch`
-        outputs are copied back, the others stay in their buffers."""
-        values = {n: [int(v) for v in arrays[n].reshape(-1)] for n in self._shape_inputs}
+        """One execution: `arrays` are copied to the device, `carried` inputs are already in their
+        device buffers with these shapes; the `fetch` outputs are copied back, the others stay in
+        their buffers."""
         profile = pick_profile(self.ranges, {**{n: a.shape for n, a in arrays.items()}, **carried},
-                               self.value_ranges, values, where=self.name)
+                               where=self.name)
         cudart, stream = self._cudart, self._stream
         _cuda(cudart.cudaSetDevice(self.device), f"selecting CUDA device {self.device}")
         ctx = self._context(profile)
@@ -366,10 +362,8 @@ class TrtStage:
         return _Executed(outputs, shapes, set(static) | self._allocator.asked)
 
     def _to_device(self, name: str, a: np.ndarray) -> int:
-        """The address TensorRT reads input `name` from: a device buffer holding a copy of `a`, or
-        for a shape tensor `a` itself (host memory; `a` lives until the stream is synchronized)."""
-        if name in self._host:
-            return a.ctypes.data
+        """The address TensorRT reads input `name` from: a device buffer holding a copy of `a`
+        (never null, also for an empty or a dims-only input)."""
         ptr = self._buffers.ensure(name, a.nbytes)
         if a.nbytes:
             _cuda(self._cudart.cudaMemcpyAsync(ptr, a.ctypes.data, a.nbytes,
@@ -392,9 +386,8 @@ class TrtStage:
             raise self._error(f"TensorRT rejected the address of {name}")
 
     def _bind_outputs(self, ctx, profile: int) -> dict[str, Shape]:
-        """Addresses for the outputs whose shapes are known now (after the input shapes and the
-        shape-tensor addresses), the output allocator for the data-dependent ones. Returns the
-        known shapes."""
+        """Addresses for the outputs whose shapes are known now (after the input shapes are set),
+        the output allocator for the data-dependent ones. Returns the known shapes."""
         static: dict[str, Shape] = {}
         for n in self.output_names:
             shape = tuple(int(d) for d in ctx.get_tensor_shape(n))
@@ -428,7 +421,7 @@ class TrtStage:
     def __del__(self):
         try:
             self.close()
-        except Exception:  # interpreter shutdown, CUDA context already gone
+        except Exception:  # noqa: BLE001, S110  interpreter shutdown, CUDA context already gone
             pass
 
     def __enter__(self):
@@ -450,9 +443,9 @@ class TrtKVLoop:
 
         check_carry(stage, carry, fetch)
         for out, inp in carry.items():
-            if inp in stage._host or stage.dtypes[out] != stage.dtypes[inp]:
-                raise stage._error(f"cannot carry {out} ({stage.dtypes[out]}) into {inp} ({stage.dtypes[inp]}"
-                                   f"{', a host shape tensor' if inp in stage._host else ''}) on the device")
+            if stage.dtypes[out] != stage.dtypes[inp]:
+                raise stage._error(f"cannot carry {out} ({stage.dtypes[out]}) into {inp} ({stage.dtypes[inp]}) "
+                                   "on the device")
         self.stage, self.carry, self.fetch = stage, dict(carry), tuple(fetch)
         self.shapes: dict[str, Shape] = {}  # carried input -> shape of the value in its buffer
         stage._loop = self

@@ -33,10 +33,15 @@ def test_llava_decls_give_the_manifest_signatures(llava_decls, tiny_engine):
     assert spec["vision_encoder"].inputs[0].shape == ("images", 3, 336, 336)
     assert spec["vision_encoder"].outputs[0].shape == ("images", 576, 64)
     dec = spec["decoder"]
-    assert [t.name for t in dec.inputs[:5]] == ["inputs_embeds", "position_ids", "span_start", "span_len", "quota"]
+    assert [t.name for t in dec.inputs[:6]] == ["inputs_embeds", "position_ids", "span_start", "span_len", "quota",
+                                                "kept_slots"]
     assert dec.input("position_ids").shape == ("batch", "seq")
-    assert dec.input("quota").values == "quota" and dec.input("position_ids").values is None
-    assert dec.input("quota").shape == ()
+    # every integer input and output int32 (TensorRT 10.3, runtime.manifest.INDEX_DTYPE); the pruned length
+    # is kept_slots' dim, the scalars are 0-d data
+    ints = [t for t in (*dec.inputs, *dec.outputs, *spec["embed_tokens"].inputs) if "float" not in t.dtype]
+    assert {t.name: t.dtype for t in ints} == {n: "int32" for n in (
+        "position_ids", "span_start", "span_len", "quota", "kept_slots", "kept_positions", "image_pivots", "input_ids")}
+    assert dec.input("quota").shape == () and dec.input("kept_slots").shape == ("batch", "kept")
     assert dec.input("past_value_1").shape == ("batch", 2, "past_full", 16)
     assert dec.input("past_key_2").shape == ("batch", 2, "past_kept", 16)
     assert next(t for t in dec.outputs if t.name == "kept_positions").shape == ("batch", "kept")

@@ -81,7 +81,7 @@ def test_refuses_to_overwrite_a_non_engine_directory(tmp_path):
 
 def test_engine_directory(tiny_engine):
     out, manifest = tiny_engine
-    assert manifest["format"] == "dart-vlm-engine" and manifest["format_version"] == 2
+    assert manifest["format"] == "dart-vlm-engine" and manifest["format_version"] == 3
     assert manifest["dart"] == {"layer": 2, "pivots_image": 4, "pivots_text": 4, "keep_ratio": 0.111,
                                 "max_span": 584}
     assert manifest["tokens"]["image_token_id"] == 1023 and manifest["tokens"]["image_seq_len"] == 576
@@ -91,7 +91,7 @@ def test_engine_directory(tiny_engine):
             "tokenizer.json"} <= set(manifest["files"])
     assert not list(out.parent.glob(".*partial*"))
     decoder = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
-    assert [n.op_type for n in decoder.graph.node if n.domain == "dart"] == ["DartPrune"]
+    assert [n.op_type for n in decoder.graph.node if n.domain == "dart"] == ["DartPruneSlots"]
     assert [i.name for i in decoder.graph.input] == [t["name"] for t in manifest["stages"]["decoder"]["inputs"]]
     assert [o.name for o in decoder.graph.output] == [t["name"] for t in manifest["stages"]["decoder"]["outputs"]]
     assert decoder.ir_version == 10

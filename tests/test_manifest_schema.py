@@ -43,7 +43,7 @@ def test_export_read_write_is_identical(tiny_engine, tmp_path):
     engine, raw = tiny_engine
     text = (engine / MANIFEST_NAME).read_text()
     m = read_manifest(engine)
-    assert m.format_version == FORMAT_VERSION == 2
+    assert m.format_version == FORMAT_VERSION == 3
     assert m.to_json() == raw
     assert list(m.to_json()) == list(raw)  # key order too
     assert Manifest.from_json(m.to_json(), engine) == m
@@ -64,10 +64,11 @@ def test_informational_parts_survive(tiny_engine):
     assert {n: (a.name, a.min, a.max) for n, a in m.dynamic_axes.items()} == {
         "batch": ("batch", 1, 4), "seq": ("seq", 1, 2048), "past_full": ("past_full", 0, 4096),
         "past_kept": ("past_kept", 0, 4096), "images": ("images", 1, 4),
-        "vision_tokens": ("vision_tokens", 576, 576), "span_start": ("span_start", 0, 2047),
-        "span_len": ("span_len", 0, 584), "quota": ("quota", 0, 584)}
-    assert {t.name: t.values for t in m.stages["decoder"].inputs if t.values} == {
-        "span_start": "span_start", "span_len": "span_len", "quota": "quota"}
+        "vision_tokens": ("vision_tokens", 576, 576), "kept": ("kept", 1, 2048)}
+    # no input's value bounds a shape (issue 15): the scalars are plain 0-d int32, kept_slots has the kept axis
+    dec = {t.name: (t.dtype, t.shape) for t in m.stages["decoder"].inputs}
+    assert [dec[n] for n in ("span_start", "span_len", "quota", "kept_slots")] == [
+        ("int32", ()), ("int32", ()), ("int32", ()), ("int32", ("batch", "kept"))]
 
 
 def test_tensorrt_section_round_trips(tiny_engine, tmp_path):
@@ -104,13 +105,12 @@ def test_declared_axes_are_the_schema_axis():
     axes = declare(max_batch=2, max_seq=700, max_context=1024, vision=vision, max_span=584,
                    dart=DartConfig(2, 4, 4, keep_ratio=0.111))
     assert all(type(a) is Axis for a in axes.values())
-    # the value axes: span_start below the longest prompt; span_len and quota up to max_span, their
-    # opt for one 576-token image in a 640-token prompt (quota: round(0.111 * 576) // 8 = 8)
+    # kept (the pruned length): opt for one 576-token image at index 5 of a 640-token prompt, quota
+    # round(0.111 * 576) // 8 = 8: 640 - 576 + 4 + 8 * 8 = 132; max: the longest prompt, unpruned
     assert {n: (a.name, a.min, a.opt, a.max) for n, a in axes.items()} == {
         "images": ("images", 1, 1, 2), "vision_tokens": ("vision_tokens", 576, 576, 576),
         "batch": ("batch", 1, 1, 2), "seq": ("seq", 1, 640, 700), "past_full": ("past_full", 0, 640, 1024),
-        "past_kept": ("past_kept", 0, 128, 1024), "span_start": ("span_start", 0, 5, 699),
-        "span_len": ("span_len", 0, 576, 584), "quota": ("quota", 0, 8, 584)}
+        "past_kept": ("past_kept", 0, 128, 1024), "kept": ("kept", 1, 132, 700)}
     with pytest.raises(ValueError, match=r"vision axes \['images'\] lack 'vision_tokens'"):
         declare(2, 700, 1024, {"images": vision["images"]}, 584, DartConfig(2, 4, 4))
     with pytest.raises(ValueError, match=r"redeclare \['seq'\]"):
@@ -129,27 +129,29 @@ def test_writer_refuses_what_the_reader_refuses(tiny_engine, tmp_path):
 # --- format version 1 ----------------------------------------------------------------------------
 
 
-def _as_version_1(engine: Path, d: Path) -> Path:
+def _as_version(engine: Path, d: Path, version: int) -> Path:
     _copy(engine, d)
     raw = json.loads((d / MANIFEST_NAME).read_text())
-    (d / MANIFEST_NAME).write_text(json.dumps({**raw, "format_version": 1}, indent=2) + "\n")
+    (d / MANIFEST_NAME).write_text(json.dumps({**raw, "format_version": version}, indent=2) + "\n")
     return d
 
 
-def test_version_1_is_refused_with_the_re_export_command(tiny_engine, tmp_path):
-    d = _as_version_1(tiny_engine[0], tmp_path / "old engine")
+@pytest.mark.parametrize("version", [1, 2])  # 2: the decoder before issue 15 (shape-tensor scalars, int64)
+def test_older_versions_are_refused_with_the_re_export_command(tiny_engine, tmp_path, version):
+    d = _as_version(tiny_engine[0], tmp_path / "old engine", version)
     with pytest.raises(EngineError) as e:
         read_manifest(d)
-    assert str(e.value) == (f"{d / MANIFEST_NAME} is format version 1, older than this runtime's 2: re-export "
-                            f"the engine with: python -m export.build --model llava-tiny --out '{d}'")
+    assert str(e.value) == (f"{d / MANIFEST_NAME} is format version {version}, older than this runtime's 3: "
+                            f"re-export the engine with: python -m export.build --model llava-tiny --out '{d}'")
 
 
-def test_outdir_recognises_version_1_and_2_as_ours(tiny_engine, tmp_path):
-    """Re-exporting over an old engine is the upgrade path: both versions are replaceable; a stray
-    file still makes either refused."""
-    v2 = _copy(tiny_engine[0], tmp_path / "v2")
-    v1 = _as_version_1(tiny_engine[0], tmp_path / "v1")
-    for d, version in ((v1, 1), (v2, 2)):
+def test_outdir_recognises_older_versions_as_ours(tiny_engine, tmp_path):
+    """Re-exporting over an old engine is the upgrade path: every version is replaceable; a stray
+    file still makes any refused."""
+    v3 = _copy(tiny_engine[0], tmp_path / "v3")
+    v1 = _as_version(tiny_engine[0], tmp_path / "v1", 1)
+    v2 = _as_version(tiny_engine[0], tmp_path / "v2", 2)
+    for d, version in ((v1, 1), (v2, 2), (v3, 3)):
         assert outdir.read_ours(d)["format_version"] == version
         outdir.check_replaceable(d)  # no error
         (d / "notes.txt").write_text("mine")

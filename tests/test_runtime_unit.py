@@ -93,7 +93,7 @@ def _vision_graph(w):
 def _embed_graph(w):
     return helper.make_graph(
         [helper.make_node("Gather", ["W_e", "input_ids"], ["inputs_embeds"], axis=0)], "embed_tokens",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "seq"])],
         [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", D])],
         [_const("W_e", w["W_e"])],
     )
@@ -137,11 +137,12 @@ def _decoder_graph(w):
         n("Add", ["s2", "t_pos"], ["logits"]),
     ]
     kv = lambda name, past: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 1, past, D])
-    scalar = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, [])
-    inputs = [
+    scalar = lambda name: helper.make_tensor_value_info(name, TensorProto.INT32, [])
+    inputs = [  # kept_slots: only the real decoder reads its length; the fake computes its own
         helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", D]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT32, ["batch", "seq"]),
         scalar("span_start"), scalar("span_len"), scalar("quota"),
+        helper.make_tensor_value_info("kept_slots", TensorProto.INT32, ["batch", "kept"]),
         kv("past_key_0", "past_full"), kv("past_value_0", "past_full"),
         kv("past_key_1", "past_kept"), kv("past_value_1", "past_kept"),
     ]
@@ -149,13 +150,13 @@ def _decoder_graph(w):
         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", V]),
         kv("present_key_0", "full"), kv("present_value_0", "full"),
         kv("present_key_1", "kept"), kv("present_value_1", "kept"),
-        helper.make_tensor_value_info("kept_positions", TensorProto.INT64, ["batch", "kept"]),
+        helper.make_tensor_value_info("kept_positions", TensorProto.INT32, ["batch", "kept"]),
     ]
     inits = [
         _const("ax1", np.array([1], np.int64)), _const("ax12", np.array([1, 2], np.int64)),
-        _const("zero", np.array(0, np.int64)), _const("n_piv", np.array(P_IMG + P_TXT, np.int64)),
-        _const("n_img", np.array(P_IMG, np.int64)), _const("minus1", np.array(-1, np.int64)),
-        _const("period", np.array(POS_PERIOD, np.int64)),
+        _const("zero", np.array(0, np.int64)), _const("n_piv", np.array(P_IMG + P_TXT, np.int32)),
+        _const("n_img", np.array(P_IMG, np.int32)), _const("minus1", np.array(-1, np.int64)),
+        _const("period", np.array(POS_PERIOD, np.int32)),
     ] + [_const(k, w[k]) for k in ("W_o", "W_m", "W_last", "W_pos")]
     return helper.make_graph(nodes, "decoder", inputs, outputs, inits)
 
@@ -177,7 +178,7 @@ def _spec(name, dtype, shape):
 def make_manifest(files: dict[str, Path], eos=EOS, keep_ratio: float = 0.5, **overrides) -> dict:
     kv = lambda name, past: _spec(name, "float32", ["batch", 1, past, D])
     m = {
-        "format": "dart-vlm-engine", "format_version": 2, "family": "llava", "model": "fake-tiny",
+        "format": "dart-vlm-engine", "format_version": 3, "family": "llava", "model": "fake-tiny",
         "dtype": "float32", "opset": 17,
         "dart": {"layer": 1, "pivots_image": P_IMG, "pivots_text": P_TXT, "keep_ratio": keep_ratio, "max_span": 3840},
         "files": {name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for name, p in files.items()},
@@ -186,24 +187,25 @@ def make_manifest(files: dict[str, Path], eos=EOS, keep_ratio: float = 0.5, **ov
                                "inputs": [_spec("pixel_values", "float32", ["batch", 3, IMG, IMG])],
                                "outputs": [_spec("image_features", "float32", ["batch", L, D])]},
             "embed_tokens": {"file": "embed_tokens.onnx",
-                             "inputs": [_spec("input_ids", "int64", ["batch", "seq"])],
+                             "inputs": [_spec("input_ids", "int32", ["batch", "seq"])],
                              "outputs": [_spec("inputs_embeds", "float32", ["batch", "seq", D])]},
             "decoder": {"file": "decoder.onnx",
                         "inputs": [_spec("inputs_embeds", "float32", ["batch", "seq", D]),
-                                   _spec("position_ids", "int64", ["batch", "seq"]),
-                                   _spec("span_start", "int64", []), _spec("span_len", "int64", []),
-                                   _spec("quota", "int64", []),
+                                   _spec("position_ids", "int32", ["batch", "seq"]),
+                                   _spec("span_start", "int32", []), _spec("span_len", "int32", []),
+                                   _spec("quota", "int32", []), _spec("kept_slots", "int32", ["batch", "kept"]),
                                    kv("past_key_0", "past_full"), kv("past_value_0", "past_full"),
                                    kv("past_key_1", "past_kept"), kv("past_value_1", "past_kept")],
                         # outputs may carry derived dims that dynamic_axes does not declare
                         "outputs": [_spec("logits", "float32", ["batch", V]),
                                     kv("present_key_0", "seq + past_full"), kv("present_value_0", "seq + past_full"),
                                     kv("present_key_1", "kept + past_kept"), kv("present_value_1", "kept + past_kept"),
-                                    _spec("kept_positions", "int64", ["batch", "kept"])]},
+                                    _spec("kept_positions", "int32", ["batch", "kept"])]},
         },
         "decoder": {"num_layers": 2, "num_kv_heads": 1, "head_dim": D, "hidden_size": D, "vocab_size": V},
         "dynamic_axes": {"batch": {"min": 1, "opt": 1, "max": 4}, "seq": {"min": 1, "opt": 16, "max": 24},
-                         "past_full": {"min": 0, "opt": 16, "max": 40}, "past_kept": {"min": 0, "opt": 8, "max": 40}},
+                         "past_full": {"min": 0, "opt": 16, "max": 40}, "past_kept": {"min": 0, "opt": 8, "max": 40},
+                         "kept": {"min": 1, "opt": 8, "max": 24}},
         "max_context": 40,
         "tokens": {"image_token": "<image>", "image_token_id": IMAGE_ID, "image_seq_len": L,
                    "bos_token_id": BOS, "eos_token_id": eos, "pad_token_id": 0},
@@ -311,8 +313,8 @@ def test_manifest_bad_json_and_wrong_version(engine, tmp_path):
     with pytest.raises(EngineError, match="not valid JSON"):
         read_manifest(d)
     m = json.loads((engine / "manifest.json").read_text())
-    write_manifest(d, {**m, "format_version": 3})
-    with pytest.raises(EngineError, match=r"version 3.*version 2.*re-export") as e:
+    write_manifest(d, {**m, "format_version": 4})
+    with pytest.raises(EngineError, match=r"version 4.*version 3.*re-export") as e:
         read_manifest(d)
     assert "\n" not in str(e.value)
     write_manifest(d, {**m, "format": "something-else"})

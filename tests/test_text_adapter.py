@@ -379,7 +379,7 @@ def test_llava_family_supplies_the_llama_adapter(tiny_llava):
 
 def test_mrope_decoder_exports_with_one_dartprune_node_and_matches_eager():
     """The 3-row M-RoPE decoder (Qwen2-VL text stack) exports like LLaVA's: position_ids [3, batch,
-    seq] stay dynamic, one dart::DartPrune node, and ONNX Runtime equals eager (kept indices exactly,
+    seq] stay dynamic, one dart::DartPruneSlots node and no shape-tensor input, and ONNX Runtime equals eager (kept indices exactly,
     logits within 1e-4) for two quotas, no pruning, and a decode step at S + rope_delta."""
     import numpy as np
     import onnxruntime as ort
@@ -390,42 +390,49 @@ def test_mrope_decoder_exports_with_one_dartprune_node_and_matches_eager():
     vl = _build("qwen2_vl")
     vl.model.config._attn_implementation = "eager"
     flat = FlatDecoder(DartDecoder(_adapter(vl), layer=2)).eval()
-    n = len(flat.input_names()) - 5  # past tensors
+    n = len(flat.input_names()) - 6  # past tensors
+    I32 = lambda *xs: [torch.tensor(x, dtype=torch.int32) for x in xs]  # noqa: E731
+    slots = lambda S_, a, span, q, b=1: flat.decoder.kept_slots(b, S_, a, span, q)  # noqa: E731
     B, Sd = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=1, max=1024)
     PF, PK = torch.export.Dim("past_full", min=0, max=1024), torch.export.Dim("past_kept", min=0, max=1024)
+    KEPT = torch.export.Dim("kept", min=1, max=1024)
     pos, delta = _mrope_positions()
+    pos = pos.to(torch.int32)
     kv_heads, head_dim = flat.decoder.text.dims.kv_heads, flat.decoder.text.dims.head_dim
     hidden = flat.decoder.text.dims.hidden
-    args = (torch.randn(2, S, hidden), pos.expand(3, 2, S), torch.tensor(A), torch.tensor(L), torch.tensor(3),
+    args = (torch.randn(2, S, hidden), pos.expand(3, 2, S), *I32(A, L, 3), slots(S, A, L, 3, 2),
             tuple(torch.zeros(2, kv_heads, 0, head_dim) for _ in range(n)))
     kv = tuple({0: B, 2: PF if i < 2 * 2 else PK} for i in range(n))
     with torch.no_grad():
         prog = torch.onnx.export(flat, args, dynamo=True, opset_version=18,
-                                 dynamic_shapes=({0: B, 1: Sd}, {1: B, 2: Sd}, None, None, None, kv),
+                                 dynamic_shapes=({0: B, 1: Sd}, {1: B, 2: Sd}, None, None, None, {0: B, 1: KEPT}, kv),
                                  input_names=flat.input_names(), output_names=flat.output_names(),
                                  custom_translation_table=translation_table(), verbose=False)
     m = attach_dart_function(prog.model_proto)
     dims = [d.dim_param or d.dim_value for d in m.graph.input[1].type.tensor_type.shape.dim]
     assert dims[0] == 3 and all(isinstance(d, str) for d in dims[1:]), dims
     assert sum(node.domain == "dart" for node in m.graph.node) == 1
+    from dart_ops.onnx_op_slots import check_no_shape_inputs
+
+    assert check_no_shape_inputs(m) == []
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(1, S, hidden, generator=g)
     empty = tuple(torch.zeros(1, kv_heads, 0, head_dim) for _ in range(n))
-    past_names = flat.input_names()[5:]
+    past_names = flat.input_names()[6:]
     with torch.no_grad():
         for span, quota in [(L, 3), (L, 1), (0, 0)]:
-            want = flat(emb, pos, torch.tensor(A), torch.tensor(span), torch.tensor(quota), empty)
-            feeds = {"inputs_embeds": emb.numpy(), "position_ids": pos.numpy(), "span_start": np.array(A),
-                     "span_len": np.array(span), "quota": np.array(quota)}
+            head = [emb, pos, *I32(A, span, quota), slots(S, A, span, quota)]
+            want = flat(*head, empty)
+            feeds = {name: t.numpy() for name, t in zip(flat.input_names(), head)}
             feeds.update({name: t.numpy() for name, t in zip(past_names, empty)})
             got = sess.run(None, feeds)
             assert np.array_equal(got[-2], want[-2].numpy()), (span, quota)  # kept indices
             assert np.array_equal(got[-1], want[-1].numpy()), (span, quota)  # image pivots
             assert np.abs(got[0] - want[0].numpy()).max() < 1e-4, (span, quota)
-        prefill = flat(emb, pos, torch.tensor(A), torch.tensor(L), torch.tensor(3), empty)
-        step = (torch.randn(1, 1, hidden, generator=g), torch.full((3, 1, 1), S + delta), torch.tensor(0),
-                torch.tensor(0), torch.tensor(0))
+        prefill = flat(emb, pos, *I32(A, L, 3), slots(S, A, L, 3), empty)
+        step = (torch.randn(1, 1, hidden, generator=g), torch.full((3, 1, 1), S + delta, dtype=torch.int32),
+                *I32(0, 0, 0), slots(1, 0, 0, 0))
         want = flat(*step, tuple(prefill[1:-2]))
         feeds = {name: t.numpy() for name, t in zip(flat.input_names(), step)}
         feeds.update({name: t.numpy() for name, t in zip(past_names, prefill[1:-2])})

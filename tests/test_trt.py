@@ -1,6 +1,8 @@
 """TensorRT build (export/trt.py) and run wiring (runtime.load(providers=["tensorrt"])), as far as it
-can be checked without TensorRT: the optimization profiles against the manifest's dynamic axes, the
-polygraphy Profile objects, CLI errors, the manifest's "tensorrt" section and the version check.
+can be checked without TensorRT: the optimization profiles against the manifest's dynamic axes (a
+hand-made format-3 manifest and a real llava-tiny export: shapes only, no shape-tensor values), the
+polygraphy Profile objects, the build with polygraphy's TensorRT loaders faked (a network with a
+shape-tensor input is refused), CLI errors, the manifest's "tensorrt" section and the version check.
 Tests that need TensorRT are marked and skip with a reason where `import tensorrt` fails."""
 
 import json
@@ -8,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,31 +35,233 @@ def _ranges(profile: dict) -> dict:
     return {n: (tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])) for n, r in profile["inputs"].items()}
 
 
-# --- profiles ------------------------------------------------------------------------------------
+# --- profiles from a hand-made manifest (the format_version 3 interface) -------------------------
+
+AXES = {"images": (1, 1, 4), "vision_tokens": (576, 576, 576), "batch": (1, 1, 4), "seq": (1, 640, 2048),
+        "past_full": (0, 640, 4096), "past_kept": (0, 128, 4096), "kept": (1, 132, 2048)}
+
+
+def _t(name: str, dtype: str, *shape) -> dict:
+    return {"name": name, "dtype": dtype, "shape": list(shape)}
+
+
+def hand_manifest(positions=("batch", "seq"), axes=AXES) -> dict:
+    """The parts of a manifest profile_specs reads: llava-tiny's decoder interface (K = 2, 4 layers,
+    2 KV heads of 16), int32 0-d span/quota scalars (data, no value range), kept_slots [batch, kept]."""
+    past = [_t(f"past_{kv}_{i}", "float32", "batch", 2, "past_full" if i < 2 else "past_kept", 16)
+            for i in range(4) for kv in ("key", "value")]
+    decoder = [_t("inputs_embeds", "float32", "batch", "seq", 64), _t("position_ids", "int32", *positions),
+               _t("span_start", "int32"), _t("span_len", "int32"), _t("quota", "int32"),
+               _t("kept_slots", "int32", "batch", "kept"), *past]
+    return {"dynamic_axes": {n: {"min": a, "opt": b, "max": c} for n, (a, b, c) in axes.items()},
+            "stages": {"vision_encoder": {"inputs": [_t("pixel_values", "float32", "images", 3, 336, 336)]},
+                       "embed_tokens": {"inputs": [_t("input_ids", "int32", "batch", "seq")]},
+                       "decoder": {"inputs": decoder}}}
+
+
+SCALAR = ((), (), ())
+
+
+def test_decoder_profiles_from_the_declared_axes():
+    prefill, decode = trt.profile_specs(hand_manifest(), "decoder")
+    assert (prefill["name"], decode["name"]) == ("prefill", "decode")
+    assert all(set(r) == {"min", "opt", "max"} for s in (prefill, decode) for r in s["inputs"].values())
+    p, d = _ranges(prefill), _ranges(decode)
+    assert p["inputs_embeds"] == ((1, 1, 64), (1, 640, 64), (4, 2048, 64))
+    assert p["position_ids"] == ((1, 1), (1, 640), (4, 2048))
+    assert p["kept_slots"] == ((1, 1), (1, 132), (4, 2048))  # S' over the kept axis
+    assert p["span_start"] == p["span_len"] == p["quota"] == SCALAR  # data: a 0-d shape, no values
+    for name in ("past_key_0", "past_value_1", "past_key_2", "past_value_3"):
+        assert p[name] == ((1, 2, 0, 16), (1, 2, 0, 16), (4, 2, 0, 16))  # prefill: empty KV
+    assert d["inputs_embeds"] == ((1, 1, 64), (1, 1, 64), (4, 1, 64))
+    assert d["position_ids"] == ((1, 1), (1, 1), (4, 1))
+    assert d["kept_slots"] == ((1, 1), (1, 1), (4, 1))  # a decode step prunes nothing: S' = S = 1
+    assert d["span_start"] == d["span_len"] == d["quota"] == SCALAR
+    assert d["past_key_0"] == d["past_value_1"] == ((1, 2, 1, 16), (1, 2, 640, 16), (4, 2, 4096, 16))
+    assert d["past_key_2"] == d["past_value_3"] == ((1, 2, 1, 16), (1, 2, 128, 16), (4, 2, 4096, 16))
+    assert list(p) == list(d) == [t["name"] for t in hand_manifest()["stages"]["decoder"]["inputs"]]
+
+
+def test_qwen_position_rows_and_the_other_stages():
+    prefill, decode = trt.profile_specs(hand_manifest(positions=(3, "batch", "seq")), "decoder")
+    assert _ranges(prefill)["position_ids"] == ((3, 1, 1), (3, 1, 640), (3, 4, 2048))
+    assert _ranges(decode)["position_ids"] == ((3, 1, 1), (3, 1, 1), (3, 4, 1))
+    (vis,) = trt.profile_specs(hand_manifest(), "vision_encoder")
+    (emb,) = trt.profile_specs(hand_manifest(), "embed_tokens")
+    assert vis["name"] == emb["name"] == "default"
+    assert _ranges(vis) == {"pixel_values": ((1, 3, 336, 336), (1, 3, 336, 336), (4, 3, 336, 336))}
+    assert _ranges(emb) == {"input_ids": ((1, 1), (1, 640), (4, 2048))}
+
+
+def test_build_flags_tighten_the_axes():
+    cfg = trt.TrtConfig(Path("."), max_batch=1, max_seq=700, max_context=1024)
+    prefill, decode = map(_ranges, trt.profile_specs(hand_manifest(), "decoder", cfg))
+    assert prefill["inputs_embeds"] == ((1, 1, 64), (1, 640, 64), (1, 700, 64))
+    assert prefill["kept_slots"] == ((1, 1), (1, 132), (1, 700))  # the pruned prompt is no longer than the prompt
+    assert decode["past_key_0"] == ((1, 2, 1, 16), (1, 2, 640, 16), (1, 2, 1024, 16))
+    assert decode["past_key_3"] == ((1, 2, 1, 16), (1, 2, 128, 16), (1, 2, 1024, 16))
+    prefill, _ = map(_ranges, trt.profile_specs(hand_manifest(), "decoder", trt.TrtConfig(Path("."), max_seq=100)))
+    assert prefill["position_ids"] == ((1, 1), (1, 100), (4, 100)) and prefill["kept_slots"] == ((1, 1), (1, 100), (4, 100))
+    narrow = hand_manifest(axes={**AXES, "kept": (1, 132, 1000)})  # kept narrower than seq: never widened
+    prefill, _ = map(_ranges, trt.profile_specs(narrow, "decoder", trt.TrtConfig(Path("."), max_seq=1500)))
+    assert prefill["kept_slots"] == ((1, 1), (1, 132), (4, 1000))
+    with pytest.raises(trt.TrtBuildError, match=r"^--max-seq 99999 exceeds the exported axis 'seq' \(max 2048\); "
+                                                "re-export with a larger limit$"):
+        trt.profile_specs(hand_manifest(), "decoder", trt.TrtConfig(Path("."), max_seq=99999))
+    with pytest.raises(trt.TrtBuildError, match=r"^the longest prompt \(2048 tokens\) exceeds the longest context "
+                                                r"\(500\); lower --max-seq or raise --max-context$"):
+        trt.profile_specs(hand_manifest(), "decoder", trt.TrtConfig(Path("."), max_context=500))
+
+
+def test_an_undeclared_axis_is_an_error():
+    m = hand_manifest()
+    del m["dynamic_axes"]["kept"]  # an export before the kept axis
+    with pytest.raises(trt.TrtBuildError, match="^input kept_slots has the dim 'kept', which manifest.json's "
+                                                "dynamic_axes does not declare; re-export with this version"):
+        trt.profile_specs(m, "decoder")
+
+
+def test_polygraphy_profiles_have_shapes_only():
+    pytest.importorskip("polygraphy", reason="polygraphy is not installed")
+    prefill, decode = trt.to_polygraphy(trt.profile_specs(hand_manifest(), "decoder"))
+    assert (prefill["quota"].min, prefill["quota"].opt, prefill["quota"].max) == ((), (), ())
+    assert (prefill["kept_slots"].min, prefill["kept_slots"].max) == ((1, 1), (4, 2048))
+    assert prefill["past_key_0"].min == (1, 2, 0, 16) and prefill["past_key_0"].max == (4, 2, 0, 16)
+    assert decode["past_key_3"].opt == (1, 2, 128, 16) and decode["kept_slots"].max == (4, 1)
+    assert set(prefill) == set(decode) == {t["name"] for t in hand_manifest()["stages"]["decoder"]["inputs"]}
+
+
+def test_the_runtime_picks_the_built_profiles_by_shape():
+    """What the build declares is what TrtStage.pick_profile chooses from: a prefill (pruned or
+    not) takes profile 0, a decode step profile 1, by the input shapes alone."""
+    from runtime.trt_stage import pick_profile
+
+    specs = trt.profile_specs(hand_manifest(), "decoder")
+    ranges = [{n: (tuple(r["min"]), tuple(r["max"])) for n, r in s["inputs"].items()} for s in specs]
+
+    def shapes(seq, kept, past_full, past_kept):
+        kv = {f"past_{k}_{i}": (1, 2, past_full if i < 2 else past_kept, 16) for i in range(4) for k in ("key", "value")}
+        return {"inputs_embeds": (1, seq, 64), "position_ids": (1, seq), "span_start": (), "span_len": (),
+                "quota": (), "kept_slots": (1, kept), **kv}
+
+    assert pick_profile(ranges, shapes(600, 92, 0, 0)) == 0  # 576 vision tokens pruned to 68
+    assert pick_profile(ranges, shapes(20, 20, 0, 0)) == 0  # text only: nothing pruned
+    assert pick_profile(ranges, shapes(1, 1, 600, 92)) == 1
+    with pytest.raises(EngineError, match=r"profile 0: past_key_0 shape \(1, 2, 600, 16\) is outside .*"
+                                          r"profile 1: kept_slots shape \(1, 2\) is outside \(1, 1\)\.\.\(4, 1\)"):
+        pick_profile(ranges, shapes(1, 2, 600, 92), where="decoder")
+
+
+# --- the build, with polygraphy's TensorRT loaders faked -------------------------------------------
+
+
+class FakeNetwork:
+    def __init__(self, inputs):
+        self.inputs = inputs
+        self.num_inputs = len(inputs)
+
+    def get_input(self, i):
+        return self.inputs[i]
+
+
+@pytest.fixture
+def fake_build(monkeypatch):
+    """export.trt with TensorRT and polygraphy's loaders faked: the parsed 'network' lists the ONNX
+    graph's inputs and marks those in `log.shape_tensors` as shape tensors (ITensor.is_shape_tensor);
+    the 'plan' names its stage. `log` records the CreateConfig arguments and the networks built."""
+    pytest.importorskip("polygraphy", reason="polygraphy is not installed")
+    import onnx
+    import polygraphy.backend.trt as pg
+
+    log = SimpleNamespace(shape_tensors=set(), configs=[], built=[])
+
+    def network_from_onnx_path(path, strongly_typed=None):
+        graph = onnx.load(path, load_external_data=False).graph
+        inputs = [SimpleNamespace(name=i.name, is_shape_tensor=i.name in log.shape_tensors) for i in graph.input]
+        return "builder", FakeNetwork(inputs), Path(path).stem
+
+    def create_config(**kwargs):
+        log.configs.append(kwargs)
+        return kwargs
+
+    def engine_from_network(network, config, save_timing_cache=None):
+        log.built.append(network[2])
+        return f"plan of {network[2]}".encode()
+
+    def save_engine(engine, path):
+        Path(path).write_bytes(engine)
+
+    for name, fn in [("network_from_onnx_path", network_from_onnx_path), ("CreateConfig", create_config),
+                     ("engine_from_network", engine_from_network), ("save_engine", save_engine)]:
+        monkeypatch.setattr(pg, name, fn)
+    fake_trt = SimpleNamespace(__version__="10.3.0-fake", NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1),
+                               MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"))
+    monkeypatch.setattr(trt, "_import_trt", lambda: fake_trt)
+    return log
+
+
+def _toy_decoder_onnx(path: Path) -> Path:
+    """A graph with the decoder's scalar and kept_slots inputs (what the fake network lists)."""
+    from onnx import TensorProto, helper, save
+
+    i32 = TensorProto.INT32
+    inputs = [helper.make_tensor_value_info("span_start", i32, []),
+              helper.make_tensor_value_info("kept_slots", i32, ["batch", "kept"])]
+    graph = helper.make_graph([helper.make_node("Identity", ["kept_slots"], ["out"])], "toy", inputs,
+                              [helper.make_tensor_value_info("out", i32, ["batch", "kept"])])
+    save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_build_refuses_a_network_with_a_shape_tensor_input(fake_build, tmp_path):
+    onnx_path = _toy_decoder_onnx(tmp_path / "decoder.onnx")
+    specs = trt.profile_specs(hand_manifest(), "decoder")
+    cfg = trt.TrtConfig(tmp_path)
+    fake_build.shape_tensors = {"span_start"}
+    with pytest.raises(trt.TrtBuildError) as e:
+        trt.build_stage("decoder", onnx_path, tmp_path / "decoder.engine", specs, cfg, True, None)
+    assert str(e.value) == ("decoder: TensorRT parses input span_start as a shape tensor, which this project's graphs "
+                            "never have; re-export with this version of export.build (python -m export.check_trt "
+                            "names it)")
+    assert fake_build.built == [] and not (tmp_path / "decoder.engine").exists()
+    fake_build.shape_tensors = set()
+    trt.build_stage("decoder", onnx_path, tmp_path / "decoder.engine", specs, cfg, True, None)
+    assert (tmp_path / "decoder.engine").read_bytes() == b"plan of decoder"
+    (config,) = fake_build.configs
+    built = {name: [(r.min, r.opt, r.max) for r in (p[name] for p in config["profiles"])] for name in specs[0]["inputs"]}
+    assert built == {name: [_ranges(s)[name] for s in specs] for name in specs[0]["inputs"]}
+    assert built["quota"] == [SCALAR, SCALAR]
+
+
+# --- profiles of a real export (llava-tiny) -------------------------------------------------------
 
 def test_decoder_profiles_follow_the_manifest_axes(tiny_engine):
     _, m = tiny_engine
     ax = {n: (a["min"], a["opt"], a["max"]) for n, a in m["dynamic_axes"].items()}
     dec = m["decoder"]
     H, dh, D, K = dec["num_kv_heads"], dec["head_dim"], dec["hidden_size"], m["dart"]["layer"]
-    B, S = ax["batch"], ax["seq"]
+    B, S, kept = ax["batch"], ax["seq"], ax["kept"]
+    assert kept == (1, 640 - 576 + 68, S[2])  # opt: a 640-token prompt with its 576 vision tokens pruned to 68
+    assert not {"span_start", "span_len", "quota"} & set(ax)  # no value axes any more
     prefill, decode = trt.profile_specs(m, "decoder")
     assert (prefill["name"], decode["name"]) == ("prefill", "decode")
     p, d = _ranges(prefill), _ranges(decode)
     assert p["inputs_embeds"] == ((B[0], S[0], D), (B[1], S[1], D), (B[2], S[2], D))
     assert p["position_ids"] == ((B[0], S[0]), (B[1], S[1]), (B[2], S[2]))
+    assert p["kept_slots"] == ((B[0], kept[0]), (B[1], kept[1]), (B[2], kept[2]))
+    assert d["kept_slots"] == ((B[0], 1), (B[1], 1), (B[2], 1))
     for i in range(dec["num_layers"]):
         for kind in ("key", "value"):
             assert p[f"past_{kind}_{i}"] == ((B[0], H, 0, dh), (B[1], H, 0, dh), (B[2], H, 0, dh))
             axis = ax["past_full"] if i < K else ax["past_kept"]
             assert d[f"past_{kind}_{i}"] == ((B[0], H, 1, dh), (B[1], H, axis[1], dh), (B[2], H, axis[2], dh))
     assert d["inputs_embeds"] == ((B[0], 1, D), (B[1], 1, D), (B[2], 1, D))
-    # int64 scalars that set shapes inside DartPrune: value ranges (shape tensors)
-    assert p["span_len"] == ((0,), (576,), (m["dart"]["max_span"],))
-    assert p["quota"] == ((0,), (8,), (m["dart"]["max_span"],))  # ratio 0.111 of 576 -> T = 8
-    assert p["span_start"] == ((0,), (5,), (S[2] - 1,))
-    assert all(d[n] == ((0,), (0,), (0,)) for n in ("span_start", "span_len", "quota"))
-    assert {r["kind"] for r in prefill["inputs"].values()} == {"shape", "values"}
+    inputs = {t["name"]: t for t in m["stages"]["decoder"]["inputs"]}
+    for name in ("span_start", "span_len", "quota"):  # int32 data scalars: the 0-d shape in both profiles
+        assert inputs[name] == {"name": name, "dtype": "int32", "shape": []}
+        assert p[name] == d[name] == SCALAR
+    assert inputs["kept_slots"] == {"name": "kept_slots", "dtype": "int32", "shape": ["batch", "kept"]}
+    assert set(p) == set(d) == set(inputs)
 
 
 def test_vision_and_embed_profiles(tiny_engine):
@@ -74,65 +279,32 @@ def test_tighter_limits_and_wider_limits(tiny_engine):
     cfg = trt.TrtConfig(Path("."), max_batch=1, max_seq=700, max_context=1024)
     prefill, decode = trt.profile_specs(m, "decoder", cfg)
     assert _ranges(prefill)["inputs_embeds"][2] == (1, 700, 64)
+    assert _ranges(prefill)["kept_slots"][2] == (1, 700)
     assert _ranges(decode)["past_key_0"][2] == (1, 2, 1024, 16)
-    assert _ranges(prefill)["span_start"] == ((0,), (5,), (699,))  # a span starts inside the prompt
     with pytest.raises(trt.TrtBuildError, match="--max-seq 99999 exceeds"):
         trt.profile_specs(m, "decoder", trt.TrtConfig(Path("."), max_seq=99999))
-    prefill, _ = trt.profile_specs(m, "decoder", trt.TrtConfig(Path("."), max_vision_tokens=576))
-    assert _ranges(prefill)["span_len"] == ((0,), (576,), (576,)) and _ranges(prefill)["quota"][2] == (576,)
-    with pytest.raises(trt.TrtBuildError, match="--max-vision-tokens 9999 exceeds"):
-        trt.profile_specs(m, "decoder", trt.TrtConfig(Path("."), max_vision_tokens=9999))
-
-
-def test_polygraphy_profiles(tiny_engine):
-    pytest.importorskip("polygraphy", reason="polygraphy is not installed")
-    _, m = tiny_engine
-    specs = trt.profile_specs(m, "decoder")
-    prefill, decode = trt.to_polygraphy(specs)
-    assert prefill["past_key_0"].min == (1, 2, 0, 16) and prefill["past_key_0"].max == (4, 2, 0, 16)
-    assert decode["past_key_3"].opt == (1, 2, 128, 16)
-    assert prefill["quota"].opt == (8,)
-    # a scalar TensorRT did not parse as a shape tensor gets the 0-d shape instead of values
-    (p, _) = trt.to_polygraphy(specs, shape_tensors={"span_start", "span_len"})
-    assert p["quota"].min == () and p["span_len"].max == (m["dart"]["max_span"],)
-
-
-def test_value_ranges_come_from_the_manifest_only(tiny_engine):
-    """A 0-d input's value range is its "values" axis: change the axis, the profile follows; an
-    engine directory whose scalars name no axis (exported before) is refused where TensorRT makes
-    them shape tensors."""
-    _, m = tiny_engine
-    m = json.loads(json.dumps(m))
-    m["dynamic_axes"]["quota"] = {"min": 0, "opt": 31, "max": 77}
-    prefill, decode = trt.profile_specs(m, "decoder")
-    assert _ranges(prefill)["quota"] == ((0,), (31,), (77,)) and _ranges(decode)["quota"] == ((0,), (0,), (0,))
-    for t in m["stages"]["decoder"]["inputs"]:
-        t.pop("values", None)
-    specs = trt.profile_specs(m, "decoder")
-    assert _ranges(specs[0])["quota"] == ((), (), ())  # a plain 0-d shape
-    pytest.importorskip("polygraphy", reason="polygraphy is not installed")
-    with pytest.raises(trt.TrtBuildError, match="TensorRT parses input span_start as a shape tensor, but the "
-                                                r"manifest gives it no value range \('values'\); re-export"):
-        trt.to_polygraphy(specs, shape_tensors={"span_start"})
 
 
 # --- CLI -----------------------------------------------------------------------------------------
 
 def _cli(*args, module="export.trt"):
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def test_cli_dry_run_prints_profiles(tiny_engine):
     r = _cli("--engine-dir", str(tiny_engine[0]), "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "decoder profile 0 (prefill):" in r.stdout and "decoder profile 1 (decode):" in r.stdout
-    assert "span_len         values min [0]" in r.stdout
+    assert "  span_len         shape () (0-d)\n" in r.stdout
+    assert "  kept_slots       min [1, 1]  opt [1, 132]  max [4, 2048]\n" in r.stdout
 
 
 def test_cli_bad_input(tmp_path):
     r = _cli("--engine-dir", str(tmp_path / "missing"))
     assert r.returncode == 2 and "has no manifest.json" in r.stderr
+    r = _cli("--engine-dir", str(tmp_path), "--max-vision-tokens", "576")  # bounded the old value ranges only
+    assert r.returncode == 2 and "unrecognized arguments: --max-vision-tokens 576" in r.stderr
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="checks the message shown when TensorRT is missing")
@@ -149,6 +321,34 @@ def test_cli_without_tensorrt(tiny_engine, tmp_path):
 def test_fp16_needs_weak_typing(tiny_engine):
     with pytest.raises(trt.TrtBuildError, match="weakly typed"):
         trt.build_engines(trt.TrtConfig(tiny_engine[0], strongly_typed=True, fp16=True))
+
+
+def test_build_engines_with_fake_tensorrt(fake_build, tiny_engine, tmp_path):
+    """The whole build of an export, TensorRT faked: three plans, the "tensorrt" section (the
+    runtime verifies it), the profiles given to the builder; then the same export with a decoder
+    input TensorRT would parse as a shape tensor: refused, and the directory is left as it was."""
+    from runtime.manifest import read_manifest
+
+    d = tmp_path / "e"
+    shutil.copytree(tiny_engine[0], d)
+    section = trt.build_engines(trt.TrtConfig(d, workspace_mib=512))
+    assert fake_build.built == list(trt.STAGES)
+    assert section["engines"] == {s: f"{s}.engine" for s in trt.STAGES} and section["version"] == "10.3.0-fake"
+    for stage in trt.STAGES:
+        assert (d / f"{stage}.engine").read_bytes() == f"plan of {stage}".encode()
+    m = read_manifest(d)  # sha256 of every file, the engines included
+    assert m.tensorrt.profiles == {s: trt.profile_specs(tiny_engine[1], s) for s in trt.STAGES}
+    assert [c["memory_pool_limits"] for c in fake_build.configs] == [{"workspace": 512 << 20}] * 3
+    assert [len(c["profiles"]) for c in fake_build.configs] == [1, 1, 2]
+    assert not list(d.glob(".*partial*"))
+
+    d2 = tmp_path / "e2"
+    shutil.copytree(tiny_engine[0], d2)
+    before = sorted(p.name for p in d2.iterdir()), (d2 / "manifest.json").read_text()
+    fake_build.shape_tensors = {"span_len"}
+    with pytest.raises(trt.TrtBuildError, match="^decoder: TensorRT parses input span_len as a shape tensor"):
+        trt.build_engines(trt.TrtConfig(d2))
+    assert (sorted(p.name for p in d2.iterdir()), (d2 / "manifest.json").read_text()) == before
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="checks the message shown when TensorRT is missing")
@@ -234,7 +434,8 @@ def test_building_needs_no_torch(tiny_engine):
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
             "from export import trt\n"
             f"sys.exit(trt.main(['--engine-dir', {str(tiny_engine[0])!r}, '--dry-run']))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       check=False)
     assert r.returncode == 0, r.stderr
     assert "decoder profile 1 (decode):" in r.stdout
 
@@ -257,20 +458,22 @@ def test_stages_match_onnxruntime_through_polygraphy_comparator(tiny_engine, tmp
     dec = m["decoder"]
     rng = np.random.default_rng(0)
     S, L, a = 600, 576, 5
-    kv = lambda n: np.zeros((1, dec["num_kv_heads"], n, dec["head_dim"]), np.float32)  # noqa: E731
+    kv = lambda n: np.zeros((1, dec["num_kv_heads"], n, dec["head_dim"]), np.float32)
     past_names = [t["name"] for t in m["stages"]["decoder"]["inputs"] if t["name"].startswith("past_")]
+    i32 = lambda v: np.array(v, np.int32)  # every integer input is int32 (manifest format 3)
+    K, kept = m["dart"]["layer"], S - L + 68  # quota 8: 4 image pivots + 8 pivots x 8 kept
     prefill = {"inputs_embeds": rng.standard_normal((1, S, dec["hidden_size"]), dtype=np.float32),
-               "position_ids": np.arange(S, dtype=np.int64)[None], "span_start": np.array(a),
-               "span_len": np.array(L), "quota": np.array(8), **{n: kv(0) for n in past_names}}
+               "position_ids": np.arange(S, dtype=np.int32)[None], "span_start": i32(a), "span_len": i32(L),
+               "quota": i32(8), "kept_slots": np.zeros((1, kept), np.int32), **{n: kv(0) for n in past_names}}
     # a decode step after that prefill: low layers hold S entries, high layers S' = S - L + 68
-    K, kept = m["dart"]["layer"], S - L + 68
     step = {"inputs_embeds": rng.standard_normal((1, 1, dec["hidden_size"]), dtype=np.float32),
-            "position_ids": np.array([[S]]), "span_start": np.array(0), "span_len": np.array(0),
-            "quota": np.array(0), **{n: kv(S if int(n.rsplit("_", 1)[1]) < K else kept) for n in past_names}}
+            "position_ids": i32([[S]]), "span_start": i32(0), "span_len": i32(0), "quota": i32(0),
+            "kept_slots": np.zeros((1, 1), np.int32),
+            **{n: kv(S if int(n.rsplit("_", 1)[1]) < K else kept) for n in past_names}}
     size = m["preprocess"]["image_size"]
     cases = [
         ("vision_encoder", 0, [{"pixel_values": rng.standard_normal((1, 3, size, size), dtype=np.float32)}]),
-        ("embed_tokens", 0, [{"input_ids": rng.integers(0, 1000, (1, 17))}]),
+        ("embed_tokens", 0, [{"input_ids": rng.integers(0, 1000, (1, 17), dtype=np.int32)}]),
         ("decoder", 0, [prefill]),
         ("decoder", 1, [step]),
     ]

@@ -88,11 +88,11 @@ class LlavaRules:
     @staticmethod
     def positions(ids: Sequence[int], spans: Sequence[Span], vision: VisionInput | None) -> Positions:
         S = len(ids)
-        return Positions(np.arange(S, dtype=np.int64)[None], S)  # (1, S); decode step t at S + t
+        return Positions(np.arange(S, dtype=np.int32)[None], S)  # (1, S) int32 (INDEX_DTYPE); decode step t at S + t
 
     @staticmethod
     def decode_positions(position: int) -> np.ndarray:
-        return np.array([[position]], dtype=np.int64)  # (1, 1)
+        return np.array([[position]], dtype=np.int32)  # (1, 1)
 
     @staticmethod
     def kept_indices(kept: np.ndarray, positions: Positions) -> list[int]:
