@@ -1,9 +1,10 @@
-"""DART on the built-in tiny LLaVA, eagerly and as the DartPrune ONNX op.
+"""DART on the built-in tiny LLaVA, eagerly and as the DartPruneSlots ONNX op.
 
     python scripts/demo_dart.py [--ratio 0.111] [--layer 2] [--max-new-tokens 16]
 
 Builds the seeded random-weight `llava-tiny`, answers one prompt with 576 vision tokens with and
-without pruning (eager PyTorch), then runs the standalone DartPrune ONNX model in ONNX Runtime on
+without pruning (eager PyTorch), then runs the standalone DartPruneSlots ONNX model (the op exported
+decoders carry, int32 indices) in ONNX Runtime on
 the same layer K-1 states and checks it keeps exactly what the PyTorch reference keeps.
 (The exporter, `python -m export.build`, replaces this demo as the main job.)
 """
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     import torch
 
     from dart_ops.eager import EagerDart, find_image_span
-    from dart_ops.onnx_op import standalone_model
+    from dart_ops.onnx_op_slots import run_standalone, standalone_model
     from dart_ops.reference import select_keep
     from export.families.llava import TINY_IMAGE_TOKEN_ID, build_tiny_model
 
@@ -81,13 +82,11 @@ def main(argv=None) -> int:
         keys = keys.transpose(1, 2).reshape(1, ids.shape[1], -1)  # (1, S, F)
     quota = cfg.counts(L, ids.shape[1] - a - L).quota
     want = select_keep(hidden, keys, a, L, quota)
-    session = ort.InferenceSession(standalone_model().SerializeToString(), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {
-        "hidden": hidden.numpy(), "keys": keys.numpy(), "span_start": np.array(a, np.int64),
-        "span_len": np.array(L, np.int64), "quota": np.array(quota, np.int64),
-    })
+    model_onnx = standalone_model(cfg.pivots_image, cfg.pivots_text, index_dtype="int32")
+    session = ort.InferenceSession(model_onnx.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = run_standalone(session, hidden.numpy(), keys.numpy(), a, L, quota)  # (1, S'), S' from the counts
     same = np.array_equal(got, want.numpy())
-    log.info("DartPrune in ONNX Runtime: kept %d tokens, %s the PyTorch reference",
+    log.info("DartPruneSlots in ONNX Runtime: kept %d tokens, %s the PyTorch reference",
              got.shape[1], "identical to" if same else "DIFFERENT FROM")
     return 0 if same else 1
 

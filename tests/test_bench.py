@@ -13,7 +13,7 @@ import pytest
 
 from bench.probes import BenchError, PeakRSS, dart_share
 from dart_ops import flops
-from dart_ops.onnx_op import NODE_PREFIX
+from dart_ops.onnx_op_slots import NODE_PREFIX
 from dart_ops.spec import DartConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -90,7 +90,7 @@ def test_quantspec_and_files(tiny_engine, engines, bits):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_graph_keeps_dart_and_metadata(tiny_engine, engines, bits):
-    """Only the linear layers changed: DartPrune's node and function, the metadata the runtime checks and
+    """Only the linear layers changed: DartPruneSlots' node and function, the metadata the runtime checks and
     the interface are the exporter's; the LM head is still the float Gemm."""
     a = _load(tiny_engine[0] / "decoder.onnx")
     b = _load(engines[bits] / "decoder.onnx")
@@ -98,7 +98,7 @@ def test_graph_keeps_dart_and_metadata(tiny_engine, engines, bits):
     assert [f.SerializeToString() for f in b.functions] == [f.SerializeToString() for f in a.functions]
     assert b.graph.input == a.graph.input and b.graph.output == a.graph.output
     ops = [n.op_type for n in b.graph.node]
-    assert ops.count("DartPrune") == 1 and ops.count("MatMulNBits") == LINEARS_PER_LAYER * 4
+    assert ops.count("DartPruneSlots") == 1 and ops.count("MatMulNBits") == LINEARS_PER_LAYER * 4
     head = lm_head(b.graph)
     assert next(n for n in b.graph.node if n.name == head).op_type == "Gemm"
     inits = {t.name for t in b.graph.initializer}
