@@ -306,11 +306,12 @@ def _all_nodes_flat(graph: onnx.GraphProto):
         yield node
 
 
-def check_no_shape_inputs(model: onnx.ModelProto) -> list[str]:
-    """Names of the graph inputs (initializers excluded) whose values reach a shape-determining
-    operand (SHAPE_OPERANDS) after model-local functions are inlined, in graph input order; [] when
-    every input is an ordinary (execution) tensor. A dataflow walk backwards from each shape
-    operand, through every op except VALUE_BARRIERS (Shape, Size, ...)."""
+def shape_input_uses(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto, int]]:
+    """{graph input: (node, operand index)} for every graph input (initializers excluded) whose values
+    reach a shape-determining operand (SHAPE_OPERANDS) after model-local functions are inlined, in
+    graph input order, each with the first operand found that it reaches (for messages). A dataflow
+    walk backwards from each shape operand, through every op except VALUE_BARRIERS (Shape, Size, ...)
+    and into Loop/If/Scan bodies (outer-scope captures)."""
     if model.functions:
         model = inliner.inline_local_functions(model, convert_version=True)
     graph = model.graph
@@ -318,14 +319,20 @@ def check_no_shape_inputs(model: onnx.ModelProto) -> list[str]:
     producer = {o: (n, deps) for n, deps in nodes for o in n.output if o}
     inits = {t.name for t in graph.initializer}
     inputs = [v.name for v in graph.input if v.name not in inits]
-    stack = [n.input[i] for n, _ in nodes if n.domain in ("", "ai.onnx")
+    stack = [(n.input[i], (n, i)) for n, _ in nodes if n.domain in ("", "ai.onnx")
              for i in SHAPE_OPERANDS.get(n.op_type, ()) if i < len(n.input) and n.input[i]]
-    seen: set[str] = set()
+    origin: dict[str, tuple[onnx.NodeProto, int]] = {}
     while stack:
-        name = stack.pop()
-        if name in seen:
+        name, use = stack.pop()
+        if name in origin:
             continue
-        seen.add(name)
+        origin[name] = use
         if name in producer and producer[name][0].op_type not in VALUE_BARRIERS:
-            stack.extend(producer[name][1])
-    return [name for name in inputs if name in seen]
+            stack.extend((dep, use) for dep in producer[name][1])
+    return {name: origin[name] for name in inputs if name in origin}
+
+
+def check_no_shape_inputs(model: onnx.ModelProto) -> list[str]:
+    """Names of the graph inputs whose values reach a shape-determining operand (shape_input_uses), in
+    graph input order; [] when every input is an ordinary (execution) tensor."""
+    return list(shape_input_uses(model))

@@ -5,10 +5,26 @@
 
 A static check: model-local functions are inlined first (the parser imports them node by node
 too), then every node is held against the published operator matrix and the few restrictions that
-decide whether TensorRT 10.3 parses and builds the graph. "error": the parser rejects the node or
-the engine build fails. "warning": it builds, with a restriction or a caveat worth knowing.
+decide whether TensorRT 10.3 parses and builds the graph. "error": the parser rejects the node, the
+engine build fails, or a rule of this project below is broken. "warning": it builds, with a restriction
+or a caveat worth knowing.
 It reads graph structure only (onnx.load(..., load_external_data=False)), never the external weights;
 of the tensors stored inline it reads constants and Q/DQ scales and zero points (their sign, zeros).
+
+Two graph-level rules are this project's own, stricter than the parser, and errors so that a
+regression fails CI (docs/TENSORRT_10.3.md has the research they rest on):
+  shape-input  no graph input whose VALUES reach a shape (a Reshape/Expand/Tile/ConstantOfShape shape,
+               a Slice bound, a Range limit, TopK's K, Reduce/Squeeze/Unsqueeze axes, ...; also a
+               data-dependent output shape or If/Loop control), through any arithmetic but not through
+               Shape/Size. TensorRT makes such an input a shape input tensor, whose profile needs
+               IOptimizationProfile::setShapeValues: int32 only in the 10.3 Python API (section 4).
+               The verdict is dart_ops.onnx_op_slots.shape_input_uses (a dataflow walk after
+               inlining, the project's one implementation); the message names the operand reached.
+  int64-io     no int64 graph input or output: integer I/O is int32 (or bool). 10.3 keeps INT64 I/O as
+               INT64 bindings ([C] 9.0), its parser casts int64 Gather/GatherElements/ScatterElements
+               indices to INT32 and TopK's indices are INT32 in the layer (sections 2, 3, 7).
+An engine directory written by this version's export.build has neither; the fix for an older one
+is to re-export it.
 
 Quantized graphs: INT4 weight-only DequantizeLinear (symmetric, blocked 64 or 128 along one dim of
 2-D weights, positive FLOAT/FLOAT16/BFLOAT16 scales) -> MatMul/Gemm passes, with opset 21 (which it
@@ -85,8 +101,16 @@ import numpy as np
 import onnx
 from onnx import TensorProto, inliner, numpy_helper
 
-from export.check_trt_quant import (  # noqa: F401  (TRT_VERSION, ORT_QUANT_OPS: part of this module's API)
-    INTEGER_QUANT_OPS, ORT_QUANT_OPS, QDQ_OPS, QUANT_OPSET, TRT_VERSION, _check_qdq, _Index, _needs_quant_opset,
+from dart_ops.onnx_op_slots import shape_input_uses
+from export.check_trt_quant import (  # TRT_VERSION, ORT_QUANT_OPS: part of this module's API too
+    INTEGER_QUANT_OPS,
+    ORT_QUANT_OPS,
+    QDQ_OPS,
+    QUANT_OPSET,
+    TRT_VERSION,
+    _check_qdq,
+    _Index,
+    _needs_quant_opset,
 )
 from export.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Parser, dataclass_defaults, report
 
@@ -99,21 +123,26 @@ MAX_TOPK_K = 3840
 # [M] rows marked Y in the operator matrix, default ONNX domain, as of TensorRT 10.3 ([C] for
 # what came later). Marked N there (hence errors here): Unique, Compress, BitShift, Bitwise*,
 # DFT, Det, Multinomial, Optional*, QLinear*, Sequence*, String*, MatMulInteger, ...
-SUPPORTED_OPS = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast
-CastLike Ceil Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DeformConv
-DepthToSpace DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather
-GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual
-GridSample GroupNormalization GRU HardSigmoid HardSwish Hardmax Identity If ImageScaler
-InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN
-LSTM LpNormalization LpPool MatMul Max MaxPool Mean MeanVarianceNormalization Min Mish Mod Mul Neg
-NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal
-RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum
-ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize
-ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink
-Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan
-Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
+SUPPORTED_OPS = frozenset([
+    "Abs", "Acos", "Acosh", "Add", "And", "ArgMax", "ArgMin", "Asin", "Asinh", "Atan", "Atanh",
+    "AveragePool", "BatchNormalization", "Cast", "CastLike", "Ceil", "Celu", "Clip", "Concat", "Constant",
+    "ConstantOfShape", "Conv", "ConvTranspose", "Cos", "Cosh", "CumSum", "DeformConv", "DepthToSpace",
+    "DequantizeLinear", "Div", "Dropout", "Einsum", "Elu", "Equal", "Erf", "Exp", "Expand", "EyeLike",
+    "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm", "GlobalAveragePool",
+    "GlobalLpPool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample", "GroupNormalization", "GRU",
+    "HardSigmoid", "HardSwish", "Hardmax", "Identity", "If", "ImageScaler", "InstanceNormalization",
+    "IsInf", "IsNaN", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log", "LogSoftmax", "Loop",
+    "LRN", "LSTM", "LpNormalization", "LpPool", "MatMul", "Max", "MaxPool", "Mean",
+    "MeanVarianceNormalization", "Min", "Mish", "Mod", "Mul", "Neg", "NonMaxSuppression", "NonZero", "Not",
+    "OneHot", "Or", "Pad", "ParametricSoftplus", "Pow", "PRelu", "QuantizeLinear", "RandomNormal",
+    "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Range", "Reciprocal", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
+    "ReduceSumSquare", "Relu", "Reshape", "Resize", "ReverseSequence", "RNN", "RoiAlign", "Round",
+    "ScaledTanh", "Scan", "Scatter", "ScatterElements", "ScatterND", "Selu", "Shape", "Shrink", "Sigmoid",
+    "Sign", "Sin", "Sinh", "Size", "Slice", "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split",
+    "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK", "Transpose", "Trilu",
+    "Unsqueeze", "Upsample", "Where", "Xor",
+])
 
 # Plugin creators TensorRT itself ships that a custom-domain node may name (op_type). Left empty
 # on purpose: this project needs none, and a plugin name here would only turn an error into a
@@ -138,13 +167,12 @@ CONST_INPUTS = {"CumSum": (1, "axis", 11), "Squeeze": (1, "axes", 13), "Unsqueez
 CONST_INPUTS.update({op: (1, "axes", 18) for op in (
     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
     "ReduceProd", "ReduceSumSquare")})
-# Inputs TensorRT consumes as shape tensors ([L] ITensor::isShapeTensor): a graph input feeding one
-# of these (through any arithmetic, but not through Shape/Size) becomes a shape input tensor.
-SHAPE_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,),
-                  "Slice": (1, 2, 3, 4), "Range": (0, 1, 2), "TopK": (1,), "OneHot": (1,),
-                  "Pad": (1,), "Split": (1,), "Resize": (3,)}
-SHAPE_BARRIERS = {"Shape", "Size", "Constant"}
+# Rule "shape-input": which operands decide a shape, and where a value stops mattering, are
+# onnx_op_slots' tables (its SHAPE_OPERANDS also lists ops whose output shape depends on data, and
+# If/Loop's condition and trip count); DATA_DEPENDENT_OPERANDS names the former in the message.
+DATA_DEPENDENT_OPERANDS = {"NonZero", "Compress", "Unique", "NonMaxSuppression"}
 MERGE_ABOVE = 8  # more int64 graph I/O tensors than this: one merged finding per graph
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -273,50 +301,52 @@ def _check_node(node, index, consts, opset, graph_name, info: _Index) -> list[Fi
 
 
 def _int64_io(graph: onnx.GraphProto, graph_name: str) -> list[Finding]:
-    """[C] 9.0 / [P]: INT64 graph inputs and outputs stay INT64 (the parser logs "Make sure input
-    X has Int64 binding"): the caller must bind int64 buffers. INT64 initializers are not flagged:
-    TensorRT 10 imports them natively (no cast to INT32 since 9.0)."""
+    """Rule "int64-io": an int64 graph input or output is an error. Our rule is integer I/O in int32
+    (or bool), docs/TENSORRT_10.3.md sections 2, 3 and 7: 10.3 keeps INT64 I/O as INT64 and needs
+    INT64 bindings ([C] 9.0; [P] "Make sure input X has Int64 binding"), the parser casts int64
+    Gather/GatherElements/ScatterElements indices to INT32, and TopK's indices are INT32 in the layer.
+    INT64 initializers are not flagged: they are constants, not bindings."""
     io = [("input", v) for v in graph.input] + [("output", v) for v in graph.output]
     inits = {t.name for t in graph.initializer}
     hits = [(kind, v.name) for kind, v in io
             if v.type.tensor_type.elem_type == TensorProto.INT64 and v.name not in inits]
-    why = "TensorRT 10.3 keeps INT64 I/O as INT64 (no cast to INT32 since 9.0): bind int64 buffers"
+    why = (f"integer graph I/O must be int32 or bool for TensorRT {TRT_VERSION} (INT64 needs int64 bindings; "
+           "the parser casts int64 indices to int32; docs/TENSORRT_10.3.md sections 2, 3, 7): re-export with "
+           "this version")
     if len(hits) > MERGE_ABOVE:
         names = ", ".join(n for _, n in hits[:4])
-        return [Finding(graph_name, "<graph>", "", "warning", "int64",
+        return [Finding(graph_name, "<graph>", "", "error", "int64-io",
                         f"{len(hits)} int64 graph inputs/outputs ({names}, ...): {why}")]
-    return [Finding(graph_name, "<graph>", "", "warning", "int64", f"{kind} '{name}' is int64: {why}")
+    return [Finding(graph_name, "<graph>", "", "error", "int64-io", f"{kind} '{name}' is int64: {why}")
             for kind, name in hits]
 
 
-def _shape_inputs(graph: onnx.GraphProto, graph_name: str) -> list[Finding]:
-    """[L] Integer graph inputs of rank <= 1 that feed a shape operand become shape input tensors."""
-    producer = {o: n for n in graph.node for o in n.output}
-    inits = {t.name for t in graph.initializer}
-    inputs = {v.name: v for v in graph.input if v.name not in inits}
-    stack = [n.input[i] for n in graph.node for i in SHAPE_OPERANDS.get(n.op_type, ())
-             if n.domain in ("", "ai.onnx") and i < len(n.input) and n.input[i]]
-    seen, reached = set(), []
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in inputs:
-            reached.append(name)
-        elif name in producer and producer[name].op_type not in SHAPE_BARRIERS:
-            stack.extend(i for i in producer[name].input if i)
-    out = []
-    for name in sorted(reached, key=list(inputs).index):
-        t = inputs[name].type.tensor_type
-        rank = len(t.shape.dim) if t.HasField("shape") else None
-        if t.elem_type in (TensorProto.INT32, TensorProto.INT64) and rank is not None and rank <= 1:
-            out.append(Finding(graph_name, "<graph>", "", "warning", "shape-input",
-                               f"input '{name}' feeds shape computations, so TensorRT makes it a shape input "
-                               "tensor: its values live on the host and the optimization profile needs "
-                               "min/opt/max values for it (IOptimizationProfile::setShapeValues)"))
-    return out
+def _shape_inputs(model: onnx.ModelProto, graph_name: str) -> list[Finding]:
+    """Rule "shape-input": a graph input whose values reach a shape-determining operand ([L] a shape
+    input tensor; docs/TENSORRT_10.3.md section 4), from dart_ops.onnx_op_slots.shape_input_uses (the
+    one dataflow walk of the project); `model` is inlined already."""
+    return [Finding(graph_name, "<graph>", "", "error", "shape-input", _shape_input_message(name, use))
+            for name, use in shape_input_uses(model).items()]
 
+
+def _shape_input_message(name: str, use: tuple[onnx.NodeProto, int]) -> str:
+    node, index = use
+    what = f"{node.op_type} '{node.name or node.output[0]}' input {index} ({_operand_name(node.op_type, index)})"
+    kind = "data" if node.op_type in DATA_DEPENDENT_OPERANDS else (
+        "control" if node.op_type in ("If", "Loop") else "shape")
+    why = {"shape": "TensorRT makes it a shape input tensor, which needs IOptimizationProfile::setShapeValues "
+                    "(int32 only in the TensorRT 10.3 Python API, docs/TENSORRT_10.3.md section 4)",
+           "data": "an output shape decided by its values (a data-dependent shape)",
+           "control": "control flow decided by its values"}[kind]
+    return f"input '{name}' reaches {what}: {why}; re-export with this version (no input value reaches a shape)"
+
+
+def _operand_name(op_type: str, index: int) -> str:
+    try:
+        formal = onnx.defs.get_schema(op_type).inputs
+    except onnx.defs.SchemaError:
+        return "operand"
+    return formal[min(index, len(formal) - 1)].name if formal else "operand"
 
 
 def inline(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -333,7 +363,7 @@ def check_model(model: onnx.ModelProto, graph_name: str) -> list[Finding]:
     info = _Index(model.graph)
     out = _opset(opset, model.graph, info, graph_name)
     out += _int64_io(model.graph, graph_name)
-    out += _shape_inputs(model.graph, graph_name)
+    out += _shape_inputs(model, graph_name)
     for node, i, consts in _walk(model.graph, {}):
         out += _check_node(node, i, consts, opset or MAX_OPSET, graph_name, info)
     return out
@@ -431,8 +461,13 @@ EPILOG = """examples:
   python -m export.check_trt --engine-dir engines/llava-tiny --json   # findings as JSON
   python -m export.check_trt engines/llava-tiny                       # the same, positional form
 
-exit codes: 0 no errors (warnings allowed); 1 the parser would reject a graph (errors listed), or
-the check itself failed; 2 usage error (a bad flag, no engine directory, an unreadable manifest or graph).
+errors: what TensorRT 10.3's parser or builder would reject, and two rules of this project:
+  shape-input  a graph input whose values reach a shape (TensorRT would make it a shape input tensor)
+  int64-io     an int64 graph input or output (integer I/O is int32 or bool)
+  (both: re-export with this version; see docs/TENSORRT_10.3.md)
+
+exit codes: 0 no errors (warnings allowed); 1 a graph has errors (listed), or the check itself
+failed; 2 usage error (a bad flag, no engine directory, an unreadable manifest or graph).
 """
 
 
@@ -440,7 +475,7 @@ def parse_args(argv=None) -> CheckConfig:
     d = dataclass_defaults(CheckConfig)
     p = Parser(prog="python -m export.check_trt", epilog=EPILOG,
                description=f"Static check of an engine directory's ONNX graphs against TensorRT "
-                           f"{TRT_VERSION}'s ONNX parser (no TensorRT needed).")
+                           f"{TRT_VERSION}'s ONNX parser and the project's TensorRT rules (no TensorRT needed).")
     p.add_argument("--engine-dir", type=Path, default=None, help="engine directory (with manifest.json)")
     p.add_argument("engine_dir_positional", nargs="?", type=Path, default=None, metavar="ENGINE_DIR",
                    help="the same as --engine-dir (the older form)")

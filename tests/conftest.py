@@ -99,6 +99,26 @@ def tiny_llava():
 
 
 @pytest.fixture(scope="session")
+def export_once(tmp_path_factory):
+    """export_once(preset, *args) -> engine dir: `python -m export.build --model preset *args`, run once
+    per test session for each argument list, so test files that need the same engine share one export
+    (each tiny family export is 20-30 s on 2 cores). Callers must not modify the directory."""
+    from export.build import build, parse_args
+
+    cache: dict[tuple, Path] = {}
+
+    def get(preset: str, *args: str) -> Path:
+        key = (preset, *args)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("engines") / preset
+            build(parse_args(["--model", preset, *args, "--out", str(out)]))
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory):
     """llava-tiny exported once per test session (about 30 s): (engine_dir, manifest dict)."""
     import json

@@ -236,9 +236,9 @@ def test_int4_activation_quantization_is_an_error():
 
 def test_int4_weights_outside_a_gemm_warn():
     m = _dq_matmul(128, consumer="Gather")
-    m.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
-    opset, int64, dq = _lines(m)
-    assert (opset, int64.split(":")[0]) == (OPSET_21, "warning [int64] <graph>")
+    m.graph.input[0].type.tensor_type.elem_type = TensorProto.INT32  # x: the Gather's indices
+    opset, dq = _lines(m)
+    assert opset == OPSET_21
     assert dq == ("warning [weight-only] dq (DequantizeLinear): INT4 weights feed Gather: TensorRT's INT4 weight-only "
                   "quantization is for GEMMs (MatMul/Gemm); elsewhere the weights are dequantized by a separate layer")
 
@@ -379,8 +379,9 @@ def test_cli_accepts_int4_qdq_and_lists_rejected_nodes(tmp_path):
 # --- the real llava-tiny decoder ---------------------------------------------------------------------
 
 def test_ort_qdq_llava_tiny_decoder_is_checked_node_by_node(tiny_engine):
-    """ONNX Runtime raises the model, not its DartPrune function, to opset 21: the check still inlines
-    DartPrune (its shape-input warnings stay) and reports every quantized MatMul's weights."""
+    """ONNX Runtime raises the model, not its DartPruneSlots function, to opset 21: the check still inlines
+    the function (no shape input appears: no input value reaches a shape, every integer I/O is int32) and
+    reports every quantized MatMul's weights."""
     engine_dir, _ = tiny_engine
     decoder = onnx.load(str(engine_dir / "decoder.onnx"))
     weights = {t.name for t in decoder.graph.initializer}
@@ -388,7 +389,7 @@ def test_ort_qdq_llava_tiny_decoder_is_checked_node_by_node(tiny_engine):
     m = _ort_quantize(128, model=decoder)  # export.quantize --target trt default; K = 64 is one block
     dq = [n.name for n in m.graph.node if n.op_type == "DequantizeLinear"]
     assert len(dq) == len(linear) > 0
-    known = sorted([("<graph>", "warning", "opset")] + [("<graph>", "warning", "int64")] * 6
-                   + [("<graph>", "warning", "shape-input")] * 3)
+    assert any(f.name == "DartPruneSlots" for f in m.functions)  # not inlined by the quantizer
+    known = [("<graph>", "warning", "opset")]
     assert sorted(_findings(m)) == sorted(known + [(name, "error", "quant-scale") for name in dq])
     assert sorted(_findings(_positive_scales(m))) == known

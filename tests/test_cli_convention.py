@@ -260,9 +260,9 @@ def test_trt_failure(tiny_engine, capsys):
 def test_check_trt_failures(tmp_path, capsys, monkeypatch):
     d = tmp_path / "eng"
     d.mkdir()
-    x, y = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]), helper.make_tensor_value_info(
+    x, y = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2]), helper.make_tensor_value_info(
         "y", TensorProto.FLOAT, None)
-    model = helper.make_model(helper.make_graph([helper.make_node("Unique", ["x"], ["y"])], "g", [x], [y]),
+    model = helper.make_model(helper.make_graph([helper.make_node("Det", ["x"], ["y"])], "g", [x], [y]),
                               opset_imports=[helper.make_opsetid("", 18)])
     onnx.save(model, d / "decoder.onnx")
     (d / "manifest.json").write_text(json.dumps({"stages": {"decoder": {"file": "decoder.onnx"}}}))
