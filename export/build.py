@@ -31,7 +31,7 @@ EPILOG = """examples:
 """
 
 
-# Opsets an export may target: DartPrune's body needs 17; TensorRT 10.3's ONNX parser reads up to 20.
+# Opsets an export may target: DartPruneSlots' body needs 17; TensorRT 10.3's ONNX parser reads up to 20.
 OPSETS = (17, 20)
 QUANTIZE = {"none": None, "int8": 8, "int4": 4}  # --quantize -> weight bits
 FLOAT_DIR = "float"  # --quantize: the float export, inside the staging directory, removed before publishing
@@ -85,7 +85,7 @@ def parse_args(argv=None) -> BuildConfig:
     o.add_argument("--max-batch", type=int, default=d["max_batch"], help="largest batch")
     o.add_argument("--max-pixels", type=int, default=d["max_pixels"],
                    help="Qwen2-VL / Qwen2.5-VL: largest image area after resizing, in pixels (default: the "
-                        "checkpoint's max_pixels, capped so one image's tokens fit DartPrune and --max-seq)")
+                        "checkpoint's max_pixels, capped so one image's tokens fit DartPruneSlots and --max-seq)")
     o.add_argument("--target", choices=["onnx", "trt"], default=d["target"],
                    help="onnx: the ONNX graphs; trt: also build TensorRT engines on this machine "
                         "(same as python -m export.trt --engine-dir OUT afterwards; needs TensorRT)")
@@ -104,7 +104,7 @@ def parse_args(argv=None) -> BuildConfig:
     except ValueError as e:
         p.error(str(e))
     if not OPSETS[0] <= a.opset <= OPSETS[1]:
-        p.error(f"--opset must be in [{OPSETS[0]}, {OPSETS[1]}] (17: DartPrune's body needs it; {OPSETS[1]}: the "
+        p.error(f"--opset must be in [{OPSETS[0]}, {OPSETS[1]}] (17: DartPruneSlots' body needs it; {OPSETS[1]}: the "
                 f"newest the exporter and TensorRT 10.3's parser both take), got {a.opset}")
     for flag, value in (("--max-seq", a.max_seq or 1), ("--max-context", a.max_context), ("--max-batch", a.max_batch),
                         ("--max-pixels", a.max_pixels or 1)):

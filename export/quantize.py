@@ -12,7 +12,7 @@ round-to-nearest per block of `--block-size` input rows, one scale per block). A
 the engine's dtype. Left in float by default: the LM head (`--lm-head` includes it), the embeddings
 (the embed_tokens stage; `--embeddings`: int4 GatherBlockQuantized), the vision stage (`--vision`
 quantizes its linear layers) and anything matched by `--exclude`. The quantizer never enters ONNX
-functions, so `dart::DartPrune`'s body, and the activations it reads (layer K-1's keys and hidden
+functions, so `dart::DartPruneSlots`'s body, and the activations it reads (layer K-1's keys and hidden
 states), stay float; the graph's inputs, outputs, metadata (dart.layer, ...) and functions are
 checked to be unchanged afterwards. A Gemm (the exporter writes the LM head and Qwen's vision
 linears as Gemm) is rewritten as the equal MatMul (+ Add for a bias) first, so the quantizer sees it.

@@ -7,7 +7,7 @@ The plan names the candidate nodes (MatMul / Gemm with a constant 2-D weight; Ga
 embeddings) of the MAIN graph, the LM head and --exclude matches left in float, and the Gemm nodes
 rewritten as MatMul so the quantizer sees them. Quantization is
 `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer` with its default (RTN)
-algorithm; it walks the main graph and its subgraphs, never ONNX functions, so dart::DartPrune's
+algorithm; it walks the main graph and its subgraphs, never ONNX functions, so dart::DartPruneSlots'
 body is left as exported, which quantize_graph checks afterwards with the graph's interface and
 metadata. onnx, onnxruntime and numpy only (no torch).
 """
@@ -214,7 +214,7 @@ def count_quantized(model) -> int:
 
 def _align_function_opsets(model) -> None:
     """A function's default-domain opset must equal the model's (docs: DESIGN constraints). The QDQ
-    form (and int4 Gather) raises the model to opset 21; DartPrune's body (Cast, Shape, Reshape,
+    form (and int4 Gather) raises the model to opset 21; DartPruneSlots' body (Cast, Shape, Reshape,
     Unsqueeze, TopK, ScatterElements, ...) means the same at 18 and 21 for its types (the versions
     in between add types, Cast's saturate for float8 and Pad's wrap mode), so its import follows."""
     model_version = {o.domain or "": o.version for o in model.opset_import}.get("", None)
@@ -329,7 +329,7 @@ def quantize_graph(src: Path, dst: Path, plan: StagePlan, scheme: Scheme,
     after = _snapshot(out)
     changed = [k for k in before if before[k] != after[k]]
     if changed:
-        raise QuantizeError(f"{src.name}: quantization changed the graph's {changed[0]} (dart::DartPrune, "
+        raise QuantizeError(f"{src.name}: quantization changed the graph's {changed[0]} (dart::DartPruneSlots, "
                             "metadata and the interface must stay as exported); report it with this "
                             "onnxruntime version")
     _align_function_opsets(out)

@@ -37,7 +37,7 @@ def eager_attention(model):
     """Export-time patch, reverted on exit: HF attention -> "eager" for every sub-config.
 
     Why: SDPA's GQA path (transformers 5.x, sdpa_attention.py) guards on the query length, which
-    after DartPrune is data-dependent, and the TorchScript exporter cannot export enable_gqa.
+    after DartPruneSlots is the dynamic "kept" axis, and the TorchScript exporter cannot export enable_gqa.
     """
     subs = getattr(model.config, "sub_configs", None) or {}  # HF composite configs (vision, text)
     configs = [c for c in [model.config, *[getattr(model.config, n, None) for n in subs]] if c]
@@ -145,7 +145,7 @@ def export_decoder(flat, decl: StageDecl, axes: dict[str, Axis], opset: int, out
 
 def set_metadata(model: onnx.ModelProto, props: dict) -> None:
     """ONNX metadata_props the runtime checks the manifest against (what the graph was built for:
-    DartPrune's layer and body sizes; ONNX Runtime exposes them as custom_metadata_map)."""
+    DartPruneSlots' layer and body sizes; ONNX Runtime exposes them as custom_metadata_map)."""
     for key, value in props.items():
         entry = next((e for e in model.metadata_props if e.key == key), None) or model.metadata_props.add()
         entry.key, entry.value = key, str(value)

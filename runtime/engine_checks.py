@@ -188,7 +188,7 @@ def _check_metadata(m: Manifest, stage: Any) -> None:
             raise _disagree(file, f"the graph's metadata has {key} = {got[key]}", key, value)
     pivots = dart.pivots_image + dart.pivots_text
     if "dart.max_pivots" in got and got["dart.max_pivots"] < pivots:
-        says = f"DartPrune unrolls {got['dart.max_pivots']} pivot steps (metadata dart.max_pivots)"
+        says = f"DartPruneSlots unrolls {got['dart.max_pivots']} pivot steps (metadata dart.max_pivots)"
         raise _disagree(file, says, "dart.pivots_image' + 'dart.pivots_text", pivots)
 
 

@@ -74,7 +74,7 @@ def _kept_slots(n: int) -> np.ndarray:
 
 def _finite(x: np.ndarray, stage: str, what: str) -> np.ndarray:
     """`x`, after checking that a stage's output holds no NaN / inf (which the next stage would turn
-    into garbage tokens, or an error from inside DartPrune)."""
+    into garbage tokens, or an error from inside DartPruneSlots)."""
     if not np.isfinite(x).all():
         raise EngineError(f"{stage} produced non-finite values (NaN or inf) in {what} from finite inputs; the "
                           "engine is corrupt or overflows (an fp16 export?): re-export, e.g. with --dtype fp32")

@@ -450,7 +450,7 @@ def test_check_graphs_metadata_and_fakes(tiny_engine):
     check_graphs(m, {"decoder": _fake(metadata={"dart.max_pivots": "16"})})  # a larger body runs fewer pivots
     for meta, expected in [
         ({"dart.max_pivots": "7"},
-         ("DartPrune unrolls 7 pivot steps (metadata dart.max_pivots), but manifest.json "
+         ("DartPruneSlots unrolls 7 pivot steps (metadata dart.max_pivots), but manifest.json "
          "'dart.pivots_image' + 'dart.pivots_text' is 8")),
         ({"dart.layer": "two"}, "decoder.onnx: metadata dart.layer = 'two' is not an integer"),
         ({"dart.pivots_image": "3"},

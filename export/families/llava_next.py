@@ -16,7 +16,7 @@ Stages (one image per vision call; export/families/llava_next_vision.py):
     embed_tokens, decoder: DartDecoder's (export.declare.text_decls), positions arange(S) as LLaVA-1.5
 Axes: crops (1 + tiles of the pinpoints: 3..5 by default), vision_tokens (L = 576 + h'(w' + 1):
 up to 2928 by default). DART's span is the whole image-token run (base, tiles and newlines), as
-the DART authors treat LLaVA-NeXT; DartPrune is sized to the largest L.
+the DART authors treat LLaVA-NeXT; DartPruneSlots is sized to the largest L.
 """
 
 from __future__ import annotations

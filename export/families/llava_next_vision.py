@@ -1,6 +1,6 @@
 """LLaVA-NeXT vision stage: all anyres crops of one image per call, packed into the prompt's order.
 
-    pixel_values [crops, 3, 336, 336], pack_index [L] int64 -> image_features [1, L, D]
+    pixel_values [crops, 3, 336, 336], pack_index [L] int32 -> image_features [1, L, D]
 
 The CLIP tower runs on every crop at once (the base image first, then the tiles row-major, as
 LlavaNextImageProcessor makes them), takes the hidden states of `vision_feature_layer` (a list of
@@ -10,7 +10,11 @@ image's aspect, appends `image_newline` after every row and prepends the base fe
 geometry depends on the image size, so here it is one Gather from
 `concat(features.reshape(crops * N, D), image_newline[None])` with a precomputed `pack_index`
 (row `crops * N` is the newline). No data-dependent control flow: "crops" and "vision_tokens" (L)
-stay dynamic in ONNX, and TensorRT sees only a Gather (notes/families.md section 4).
+stay dynamic in ONNX, and TensorRT sees only a Gather (notes/families.md section 4). pack_index is
+int32 and feeds that Gather with no Cast (qwen_vision.gather_rows): TensorRT 10.3's parser casts
+int64 indices on non-int64 data to int32 anyway ([P] onnxOpImporters.cpp 1935-1939;
+docs/TENSORRT_10.3.md sections 3 and 7), and plain `table[pack_index]` would export as GatherND,
+int64-only in ONNX.
 
 `hf_pack_index` computes the index with transformers' own `pack_image_features` (the reference);
 the runtime computes it in numpy.
@@ -23,7 +27,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from export.families.qwen_vision import VisionIO
+from export.families.qwen_vision import VisionIO, gather_rows
+from runtime.manifest import INDEX_DTYPE
 
 __all__ = ["LlavaNextVisionStage", "example_inputs", "hf_pack_index", "make_stage", "num_crops", "stage_decl",
            "stage_io"]
@@ -64,7 +69,7 @@ class LlavaNextVisionStage(nn.Module):
     def forward(self, pixel_values: torch.Tensor, pack_index: torch.Tensor) -> torch.Tensor:
         feats = self.features(pixel_values)  # (crops, N, D)
         table = torch.cat([feats.reshape(-1, feats.shape[-1]), self.newline[None].to(feats.dtype)])  # (crops*N+1, D)
-        return table[pack_index][None]  # (1, L, D)
+        return gather_rows(table, pack_index)[None]  # (1, L, D)
 
 
 def make_stage(hf: nn.Module) -> LlavaNextVisionStage:
@@ -76,10 +81,12 @@ def make_stage(hf: nn.Module) -> LlavaNextVisionStage:
 def stage_io(image_size: int, out_dim: int, dtype: str = "float32") -> VisionIO:
     """Names, dtypes and dims of the vision graph: axes "crops" (base image + tiles) and
     "vision_tokens" (L, the packed length); image_size: the tower's (336); out_dim: the LLM hidden
-    size; dtype: pixel_values' and image_features' dtype."""
+    size; dtype: pixel_values' and image_features' dtype. pack_index is INDEX_DTYPE (int32): Gather
+    indices TensorRT 10.3 takes without a parser-inserted cast (docs/TENSORRT_10.3.md sections 3 and 7:
+    [P] onnxOpImporters.cpp 1935-1939, [H] NvInfer.h 2562)."""
     return VisionIO(
         inputs=(("pixel_values", dtype, ("crops", 3, image_size, image_size)),
-                ("pack_index", "int64", ("vision_tokens",))),
+                ("pack_index", INDEX_DTYPE, ("vision_tokens",))),
         output=("image_features", dtype, (1, "vision_tokens", out_dim)),
     )
 
@@ -104,8 +111,8 @@ def num_crops(config, height: int, width: int) -> int:
     return image_size_to_num_patches([height, width], config.image_grid_pinpoints, config.vision_config.image_size)
 
 
-def hf_pack_index(config, height: int, width: int) -> torch.LongTensor:
-    """pack_index [L] of a height x width image, from transformers' own LlavaNextModel.pack_image_features:
+def hf_pack_index(config, height: int, width: int) -> torch.IntTensor:
+    """pack_index [L] int32 of a height x width image, from transformers' own LlavaNextModel.pack_image_features:
     it packs a one-wide "feature" holding each row's number (crops * N rows, then the newline row
     crops * N), so the packed column is the index. pack_image_features reads only self.config."""
     from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
@@ -119,7 +126,7 @@ def hf_pack_index(config, height: int, width: int) -> torch.LongTensor:
         SimpleNamespace(config=config), [rows], torch.tensor([[height, width]]),
         config.vision_feature_select_strategy, image_newline=newline,
     )  # (L, 1)
-    return packed[:, 0].long()
+    return packed[:, 0].to(torch.int32)
 
 
 def example_inputs(hf_or_config, height: int, width: int, dtype=torch.float32, seed: int = 0) -> tuple:

@@ -13,7 +13,7 @@ Stages (one image per vision call; export/families/qwen_vision.py):
     embed_tokens, decoder: DartDecoder's (export.declare.text_decls) with position_ids [3, batch, seq]
 Axes: vision_tokens (per image: min_pixels .. the engine's max_pixels), patches = 4 x vision_tokens,
 windows (2.5: 112 px windows of the largest grid).
-The engine caps max_pixels so one image's span plus the pivots fits DartPrune's TopK bound
+The engine caps max_pixels so one image's span plus the pivots fits DartPruneSlots' TopK bound
 (dart_ops.spec.MAX_SPAN = 3840) and the prompt fits --max-seq; `--max-pixels` caps it lower.
 """
 
@@ -48,7 +48,7 @@ class ModelNotAvailable(RuntimeError):
 
 def cap_max_pixels(spec: dict, max_seq: int, pivots: int, user_cap: int | None) -> dict:
     """The preprocess spec with max_pixels capped so the largest image's L tokens satisfy
-    L + pivots <= MAX_SPAN (DartPrune's TopK bound) and L + TEXT_MARGIN <= max_seq, and within
+    L + pivots <= MAX_SPAN (DartPruneSlots' TopK bound) and L + TEXT_MARGIN <= max_seq, and within
     `user_cap` (--max-pixels). ValueError (one line) when nothing above min_pixels is left."""
     from dart_ops.spec import MAX_SPAN
 

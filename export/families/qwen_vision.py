@@ -18,6 +18,14 @@ attention over the image. Qwen2.5-VL's window blocks gather q, k, v into padded 
 [Wn, H, P, dh], mask the padding keys and gather the P-slot rows back with win_unpad: Gathers only,
 O(N * P) work.
 
+Every index input is int32 and reaches an ONNX Gather directly, with no Cast: TensorRT 10.3's parser
+casts int64 Gather indices on non-int64 data to int32 ([P] onnxOpImporters.cpp 1935-1939), and its
+Gather layer takes int32 natively ([H] NvInfer.h 2562); docs/TENSORRT_10.3.md sections 3 and 7.
+Every row gather here is `gather_rows` (an embedding lookup): plain indexing (`x[index]`) exports as
+Unsqueeze + GatherND, whose ONNX indices must be int64 (section 6), and torch.index_select's ONNX
+translation inserts a Cast to int64 before its Gather. vision_position_ids is only cast to float
+(HF's rotary angles).
+
 Dynamic axes: "patches" (N), "merged" (M) and "windows" (Wn), one torch.export.Dim each as
 export/declare.py makes them. N = merge**2 * M always holds (the runtime computes both from the
 grid). torch.export.export alone rejects independent patches/merged Dims (the merger's reshape
@@ -32,11 +40,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from runtime.manifest import INDEX_DTYPE
 from runtime.qwen_vision import QwenVisionConfig, vision_inputs
 
 __all__ = ["QWEN_VISION_MODULES", "Qwen2VisionStage", "Qwen25VisionStage", "VisionIO", "example_inputs",
-           "make_stage", "stage_io", "torch_dynamic_shapes", "vision_config"]
+           "gather_rows", "make_stage", "stage_io", "torch_dynamic_shapes", "vision_config"]
 
 # model_type -> the transformers module holding the vision tower's eager attention and rotary helper.
 QWEN_VISION_MODULES = {
@@ -54,6 +64,14 @@ def vision_config(hf_config) -> QwenVisionConfig:
     extra = {"window_size": v.window_size} if kind == "qwen2_5_vl" else {}
     return QwenVisionConfig(kind=kind, patch=v.patch_size, merge=v.spatial_merge_size,
                             temporal=v.temporal_patch_size, channels=v.in_channels, **extra)
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] along dim 0 for int32 (or int64) indices of any shape: (R, *rest) -> (*index.shape,
+    *rest). Exported as one ONNX Gather on the index itself (torch's embedding translation adds no Cast),
+    so an int32 graph input reaches TensorRT's Gather as int32 (module docstring)."""
+    rows = F.embedding(index, table.reshape(table.shape[0], -1))  # (*index.shape, prod(rest))
+    return rows.reshape(*index.shape, *table.shape[1:])
 
 
 class _VisionStage(nn.Module):
@@ -115,16 +133,16 @@ class Qwen25VisionStage(_VisionStage):
     def permute(self, x, window_index):
         """HF permute_input_for_window_attn: reorder merge units (groups of `unit` rows) into window
         order. (N, ...) -> (N, ...)."""
-        units = x.reshape(-1, self.unit, *x.shape[1:])[window_index]  # (M, unit, ...)
+        units = gather_rows(x.reshape(-1, self.unit, *x.shape[1:]), window_index)  # (M, unit, ...)
         return units.reshape(x.shape)
 
     def window_attention(self, attn, q, k, v, win_gather, key_mask, win_unpad):
         """Attention inside each window: (N, H, dh) -> (N, C). Padding slots gather row 0 and are
         masked as keys; their query rows are computed and dropped by win_unpad."""
-        qw, kw, vw = (t[win_gather].transpose(1, 2) for t in (q, k, v))  # (Wn, H, P, dh)
+        qw, kw, vw = (gather_rows(t, win_gather).transpose(1, 2) for t in (q, k, v))  # (Wn, H, P, dh)
         out, _ = self._eager_attention(attn, qw, kw, vw, attention_mask=key_mask, scaling=attn.scaling)
         out = out.reshape(-1, q.shape[1] * q.shape[2])  # (Wn * P, C)
-        return out[win_unpad]  # (N, C)
+        return gather_rows(out, win_unpad)  # (N, C)
 
     def forward(self, pixel_values, vision_position_ids, window_index, reverse_index, win_gather, win_valid,
                 win_unpad):
@@ -138,7 +156,7 @@ class Qwen25VisionStage(_VisionStage):
 
         for i, blk in enumerate(self.visual.blocks):
             x = self.block(blk, x, cos, sin, self.full_attention if i in self.full_blocks else windows)
-        return self.visual.merger(x)[reverse_index]  # (M, D), image order
+        return gather_rows(self.visual.merger(x), reverse_index)  # (M, D), image order
 
 
 def make_stage(model: nn.Module) -> _VisionStage:
@@ -164,14 +182,16 @@ class VisionIO:
 
 def stage_io(cfg: QwenVisionConfig, out_dim: int, dtype: str = "float32") -> VisionIO:
     """Input names, dtypes and dims of the vision graph of `cfg`; out_dim: the merger's output width
-    (the LLM hidden size); dtype: pixel_values' and image_features' dtype."""
-    inputs = [("pixel_values", dtype, ("patches", cfg.patch_dim)),
-              ("vision_position_ids", "int64", ("patches", 2))]
+    (the LLM hidden size); dtype: pixel_values' and image_features' dtype. The index inputs are
+    INDEX_DTYPE (int32): Gather indices TensorRT 10.3 takes without a parser-inserted cast
+    (docs/TENSORRT_10.3.md sections 3 and 7: [P] onnxOpImporters.cpp 1935-1939, [H] NvInfer.h 2562)."""
+    I = INDEX_DTYPE
+    inputs = [("pixel_values", dtype, ("patches", cfg.patch_dim)), ("vision_position_ids", I, ("patches", 2))]
     if cfg.kind == "qwen2_5_vl":
         P = cfg.window_patches
-        inputs += [("window_index", "int64", ("merged",)), ("reverse_index", "int64", ("merged",)),
-                   ("win_gather", "int64", ("windows", P)), ("win_valid", "bool", ("windows", P)),
-                   ("win_unpad", "int64", ("patches",))]
+        inputs += [("window_index", I, ("merged",)), ("reverse_index", I, ("merged",)),
+                   ("win_gather", I, ("windows", P)), ("win_valid", "bool", ("windows", P)),
+                   ("win_unpad", I, ("patches",))]
     return VisionIO(tuple(inputs), ("image_features", dtype, ("merged", out_dim)))
 
 
