@@ -222,18 +222,20 @@ def layout(height: int, width: int, spec: NextPreprocessSpec | dict) -> NextLayo
 
 
 def pack_index(lay: NextLayout) -> np.ndarray:
-    """(L,) int64: rows of concat(features.reshape(crops * grid^2, D), image_newline[None]) that give
+    """(L,) int32: rows of concat(features.reshape(crops * grid^2, D), image_newline[None]) that give
     pack_image_features' output: the base crop's grid^2 rows, then each kept row of the tile map (its
     kept columns, then the newline row, index crops * grid^2). Map position (r, c) is crop
-    1 + (r // grid) * gw + c // grid, patch (r % grid) * grid + c % grid."""
+    1 + (r // grid) * gw + c // grid, patch (r % grid) * grid + c % grid.
+    int32: the vision graph's Gather takes it without a cast in TensorRT 10.3 (docs/TENSORRT_10.3.md
+    sections 3 and 7); every value is at most crops * grid^2 <= (1 + MAX_TILES) * MAX_CROP^2 < 2^28."""
     g, gw = lay.grid, lay.tiles[1]
-    r = np.arange(*lay.rows, dtype=np.int64)[:, None]  # (h', 1)
-    c = np.arange(*lay.cols, dtype=np.int64)[None, :]  # (1, w')
+    r = np.arange(*lay.rows, dtype=np.int32)[:, None]  # (h', 1)
+    c = np.arange(*lay.cols, dtype=np.int32)[None, :]  # (1, w')
     crop = 1 + (r // g) * gw + c // g  # (h', w')
     kept = crop * (g * g) + (r % g) * g + c % g  # (h', w')
-    newline = np.full((kept.shape[0], 1), lay.crops * g * g, np.int64)  # (h', 1)
+    newline = np.full((kept.shape[0], 1), lay.crops * g * g, np.int32)  # (h', 1)
     rows = np.concatenate([kept, newline], axis=1).reshape(-1)  # (h' * (w' + 1),)
-    return np.concatenate([np.arange(g * g, dtype=np.int64), rows])  # (L,)
+    return np.concatenate([np.arange(g * g, dtype=np.int32), rows])  # (L,)
 
 
 def token_range(spec: NextPreprocessSpec | dict) -> tuple[int, int]:

@@ -8,9 +8,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto
 from PIL import Image
 
 from dart_ops.eager import EagerDart
+from dart_ops.onnx_op_slots import check_no_shape_inputs
 from dart_ops.spec import DartConfig
 from export.axes import Axis
 from export.check_trt import check_model, inline
@@ -77,6 +79,7 @@ def test_pack_index_layout():
     (24 features from each of 2 tiles) followed by the newline row 5 * 576."""
     index = hf_pack_index(random_config("llava-next-tiny"), 700, 700)
     newline = 5 * 576
+    assert index.dtype == torch.int32  # as the graph declares it and the runtime feeds it
     assert torch.equal(index[:576], torch.arange(576))
     rows = index[576:].reshape(48, 49)
     assert (rows[:, 48] == newline).all() and int((index == newline).sum()) == 48
@@ -137,7 +140,7 @@ def exported(tiny):
 def test_stage_io():
     io = stage_io(336, 64, "float16")
     assert io.inputs == (("pixel_values", "float16", ("crops", 3, 336, 336)),
-                         ("pack_index", "int64", ("vision_tokens",)))
+                         ("pack_index", "int32", ("vision_tokens",)))
     assert io.output == ("image_features", "float16", (1, "vision_tokens", 64))
 
 
@@ -168,6 +171,19 @@ def test_onnx_is_tensorrt_friendly(exported):
     assert [f.line() for f in check_model(model, "vision_encoder.onnx") if f.severity == "error"] == []
     ops = {n.op_type for n in inline(model).graph.node}
     assert not ops & {"TopK", "Sort", "NonZero", "Loop", "If", "Split"}, ops
+
+
+def test_onnx_pack_index_is_an_int32_gather_index(exported):
+    """docs/TENSORRT_10.3.md sections 3 and 7: pack_index is int32 and read only as the indices of one
+    Gather, with no Cast to int64 or GatherND anywhere; no input's values reach a shape."""
+    _, _, model = exported
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    assert dtypes == {"pixel_values": TensorProto.FLOAT, "pack_index": TensorProto.INT32}
+    nodes = inline(model).graph.node
+    assert [(n.op_type, i) for n in nodes for i, x in enumerate(n.input) if x == "pack_index"] == [("Gather", 1)]
+    casts = [onnx.helper.get_node_attr_value(n, "to") for n in nodes if n.op_type == "Cast"]
+    assert TensorProto.INT64 not in casts and "GatherND" not in {n.op_type for n in nodes}
+    assert check_no_shape_inputs(model) == []
 
 
 # --- presets ---------------------------------------------------------------------------------------------

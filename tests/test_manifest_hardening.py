@@ -638,7 +638,7 @@ def test_onnxruntime_prints_no_error_lines(tiny_stages, capfd):
     dec = tiny_stages["decoder"]
     feeds = {n: np.zeros((2, 2, 0, 16), np.float32) for n in dec.input_names if n.startswith("past_")}  # batch 2
     feeds |= {"inputs_embeds": np.zeros((1, 5, 64), np.float32), "position_ids": np.arange(5, dtype=np.int32)[None],
-              "span_start": np.int32(0), "span_len": np.int32(0), "quota": np.int32(0),
+              "span_start": np.array(0, np.int32), "span_len": np.array(0, np.int32), "quota": np.array(0, np.int32),
               "kept_slots": np.zeros((1, 5), np.int32)}  # batch 1
     with pytest.raises(EngineError) as e:
         dec.run(feeds)

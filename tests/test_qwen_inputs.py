@@ -324,7 +324,7 @@ def test_positions_equal_get_rope_index(preset, image_name, models):
     grid = None if grid_thw is None else tuple(int(x) for x in grid_thw[0, 1:])
     pos, delta = mrope_positions(ids.numpy(), PAD, grid, merge=2)
     want, want_delta = model.get_rope_index(ids, enc["mm_token_type_ids"], grid_thw)
-    assert pos.dtype == np.int64 and np.array_equal(pos, want.numpy())
+    assert pos.dtype == np.int32 and np.array_equal(pos, want.numpy())  # int32: the decoder's position_ids
     assert delta == int(want_delta) and (delta == 0 if grid is None else delta < 0)
 
 
@@ -336,7 +336,8 @@ def test_positions_by_hand():
                                   [0, 1, 2, 2, 2, 3, 3, 3, 5, 6],
                                   [0, 1, 2, 3, 4, 2, 3, 4, 5, 6]]
     assert delta == 7 - 10
-    assert decode_positions(10, 2, delta).ravel().tolist() == [9, 9, 9]
+    step = decode_positions(10, 2, delta)
+    assert step.dtype == np.int32 and step.ravel().tolist() == [9, 9, 9]
     text, d0 = mrope_positions(np.array([[1, 2, 3]]), PAD, None)
     assert text.shape == (3, 1, 3) and text[:, 0].tolist() == [[0, 1, 2]] * 3 and d0 == 0
 

@@ -10,8 +10,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
+from dart_ops.onnx_op_slots import check_no_shape_inputs
 from export.check_trt import check_model, inline
 from export.families.qwen_vision import (
     Qwen25VisionStage,
@@ -88,7 +90,7 @@ def _hf_features(model, pixels, gh, gw):
 def test_position_ids_equal_transformers(gh, gw):
     want = get_vision_position_ids(torch.tensor([[1, gh, gw]]), 2).numpy()
     got = vision_position_ids(gh, gw, 2)
-    assert got.dtype == np.int64 and np.array_equal(got, want)
+    assert got.dtype == np.int32 and np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("window_size", [112, 56])  # 4 and 2 merge units a side: sizes come from the config
@@ -97,7 +99,7 @@ def test_window_layout_equals_transformers(gh, gw, window_size):
     cfg = QwenVisionConfig("qwen2_5_vl", window_size=window_size)
     want_index, want_cu = get_vision_window_index(torch.tensor([[1, gh, gw]]), 2, window_size, 14)
     index, cu = window_layout(gh, gw, cfg)
-    assert np.array_equal(index, want_index.numpy()) and index.dtype == np.int64
+    assert np.array_equal(index, want_index.numpy()) and index.dtype == np.int32
     assert np.array_equal(cu, want_cu.numpy()) and cu.dtype == np.int32
     inputs = vision_inputs(gh, gw, cfg)
     assert np.array_equal(inputs["reverse_index"], torch.argsort(want_index).numpy())
@@ -119,7 +121,7 @@ def test_padded_windows_by_hand():
     assert np.array_equal(t["reverse_index"][[0, 4, 5, 19, 20, 24]], [0, 16, 4, 19, 20, 24])
     assert t["win_gather"].shape == (4, 64) and t["win_valid"].dtype == bool
     assert np.array_equal(t["win_gather"][0], np.arange(64))
-    assert np.array_equal(t["win_gather"][3], np.r_[96, 97, 98, 99, np.zeros(60, np.int64)])
+    assert np.array_equal(t["win_gather"][3], np.r_[96, 97, 98, 99, np.zeros(60, np.int32)])
     assert np.array_equal(t["win_valid"].sum(1), [64, 16, 16, 4]) and t["win_valid"][2, :16].all()
     assert np.array_equal(t["win_unpad"], np.r_[np.arange(80), np.arange(128, 144), np.arange(192, 196)])
 
@@ -129,7 +131,9 @@ def test_vision_inputs_order_and_types():
     assert list(vision_inputs(4, 6, q2)) == stage_io(q2, 64).input_names()[1:]
     t = vision_inputs(4, 6, Q25)
     assert list(t) == stage_io(Q25, 64).input_names()[1:]
-    assert {k: v.dtype for k, v in t.items()} == {**dict.fromkeys(t, np.dtype(np.int64)), "win_valid": bool}
+    assert {k: v.dtype for k, v in t.items()} == {**dict.fromkeys(t, np.dtype(np.int32)), "win_valid": bool}
+    assert {name: dtype for name, dtype, _ in stage_io(Q25, 64).inputs[1:]} == {
+        **dict.fromkeys(t, "int32"), "win_valid": "bool"}  # the declaration says what the runtime feeds
     assert q2.patch_dim == 1176 and Q25.window_units == 4 and Q25.window_patches == 64
 
 
@@ -137,6 +141,16 @@ def test_vision_inputs_order_and_types():
 def test_bad_grid_is_an_input_error(gh, gw):
     with pytest.raises(InputError, match="multiple of the merge size 2"):
         vision_inputs(gh, gw, Q25)
+
+
+def test_int32_tables_are_bounded():
+    """The int32 tables cannot overflow: more patches than MAX_PATCHES (2^26, one per pixel of the
+    largest image) is refused before anything is allocated, and so are window tables past int32."""
+    side = 1 << 13  # 8192 x 8192 = 2^26 patches: the limit itself passes the check
+    with pytest.raises(InputError, match="more than MAX_PATCHES = 67108864"):
+        vision_inputs(side, side + 2, Q25)
+    with pytest.raises(ValueError, match="2 windows of 1073741824 patches overflow the int32"):
+        padded_windows(np.array([0, 4, 8], np.int32), 1 << 30)  # refused before any (Wn, P) table exists
 
 
 def test_runtime_module_imports_without_torch():
@@ -235,3 +249,23 @@ def test_onnx_passes_tensorrt_check(exported):
     ops = {n.op_type for n in inline(model).graph.node}
     assert not ops & {"TopK", "Sort", "ArgMax", "NonZero", "Loop", "If", "Split"}, ops
     assert onnx.checker.check_model(model) is None
+
+
+INDEX_TABLES = ("window_index", "reverse_index", "win_gather", "win_unpad")
+INPUT_DTYPES = {"pixel_values": TensorProto.FLOAT, "vision_position_ids": TensorProto.INT32,
+                **dict.fromkeys(INDEX_TABLES, TensorProto.INT32), "win_valid": TensorProto.BOOL}
+
+
+def test_onnx_integer_inputs_are_int32_gather_indices(exported):
+    """docs/TENSORRT_10.3.md sections 3 and 7: every integer input is int32, each window table is read
+    only as a Gather's indices, and no Cast to int64 or GatherND is left anywhere (the positions are
+    only cast to float); no input's values reach a shape (TensorRT would make it a shape input)."""
+    _, cfg, _, model = exported
+    got = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    assert got == {name: INPUT_DTYPES[name] for name in got} and len(got) == (7 if cfg.kind == "qwen2_5_vl" else 2)
+    nodes = inline(model).graph.node
+    for name in (t for t in INDEX_TABLES if t in got):
+        assert {(n.op_type, i) for n in nodes for i, x in enumerate(n.input) if x == name} == {("Gather", 1)}, name
+    casts = [onnx.helper.get_node_attr_value(n, "to") for n in nodes if n.op_type == "Cast"]
+    assert TensorProto.INT64 not in casts and "GatherND" not in {n.op_type for n in nodes}
+    assert check_no_shape_inputs(model) == []
