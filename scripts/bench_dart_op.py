@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 log = logging.getLogger("bench_dart_op")
 
 # (name, S prompt tokens, a span start, L vision tokens, D hidden, F = kv_heads * head_dim, T quota at 0.111)
