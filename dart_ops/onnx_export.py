@@ -7,12 +7,14 @@ exporter (`dynamo=False`) is deprecated in torch 2.9+, and the dynamo exporter's
 of its `kept_slots` input, so the graph after it is dynamic in an ordinary input axis ("kept").
 The HF attention must be "eager" for export (SDPA's GQA path guards on the pruned length).
 
-After export, `attach_dart_function` ships the op's body as a model-local function, so ONNX
+`exporting()` registers the op's schema for the export only. After export, `attach_dart_function` ships the op's body as a model-local function, so ONNX
 Runtime and TensorRT's parser run the model with no plugin, and sets the IR version ONNX Runtime
 1.31 accepts.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import onnx
 from onnx.defs import OpSchema
@@ -24,11 +26,11 @@ from dart_ops.onnx_op import IR_VERSION
 INTS = ["tensor(int32)", "tensor(int64)"]
 
 
-def register_schema() -> None:
+def register_schema() -> bool:
     """Register DartPruneSlots' signature with onnx (idempotent), so onnxscript, which the dynamo
-    exporter uses to build the graph, can emit the node."""
+    exporter uses to build the graph, can emit the node. True when this call registered it."""
     if onnx.defs.has(slots.OP_NAME, spec.OP_VERSION, spec.OP_DOMAIN):
-        return
+        return False
     formal = OpSchema.FormalParameter
     schema = OpSchema(
         slots.OP_NAME,
@@ -52,6 +54,22 @@ def register_schema() -> None:
         ],
     )
     onnx.defs.register_schema(schema)
+    return True
+
+
+@contextlib.contextmanager
+def exporting():
+    """`with exporting() as table: torch.onnx.export(..., custom_translation_table=table)`: the
+    translation table, with DartPruneSlots' schema registered only for the export. The schema
+    pins the output to int64 (what the decoder's op emits); left registered, onnx's checker would
+    refuse a standalone int32 DartPruneSlots model (dart_ops.onnx_op_slots) checked afterwards in
+    the same process, whose function body is its real definition."""
+    added = register_schema()
+    try:
+        yield translation_table()
+    finally:
+        if added:
+            onnx.defs.deregister_schema(slots.OP_NAME, spec.OP_VERSION, spec.OP_DOMAIN)
 
 
 def translation_table() -> dict:

@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from dart_ops.decoder import kept_len
-from dart_ops.onnx_export import attach_dart_function, translation_table
+from dart_ops.onnx_export import attach_dart_function, exporting
 from dart_ops.spec import MAX_SPAN
 from export.axes import EXAMPLE_SEQ, Axis
 from export.declare import StageDecl, dynamic_shapes, example_inputs
@@ -64,11 +64,12 @@ def _save(model: onnx.ModelProto, path: Path, force_external: bool) -> list[str]
 
 
 def _export(module, args, dynamic_shapes, input_names, output_names, opset, **dart_sizes) -> onnx.ModelProto:
-    prog = torch.onnx.export(
-        module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
-        input_names=input_names, output_names=output_names,
-        custom_translation_table=translation_table(), verbose=False,
-    )
+    with exporting() as table:
+        prog = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset, dynamic_shapes=dynamic_shapes,
+            input_names=input_names, output_names=output_names,
+            custom_translation_table=table, verbose=False,
+        )
     model = attach_dart_function(prog.model_proto, **dart_sizes)
     onnx.checker.check_model(model, full_check=False)
     return model

@@ -385,7 +385,7 @@ def test_mrope_decoder_exports_with_one_dartprune_node_and_matches_eager():
     import onnxruntime as ort
 
     from dart_ops.decoder import FlatDecoder
-    from dart_ops.onnx_export import attach_dart_function, translation_table
+    from dart_ops.onnx_export import attach_dart_function, exporting
 
     vl = _build("qwen2_vl")
     vl.model.config._attn_implementation = "eager"
@@ -403,11 +403,11 @@ def test_mrope_decoder_exports_with_one_dartprune_node_and_matches_eager():
     args = (torch.randn(2, S, hidden), pos.expand(3, 2, S), *I32(A, L, 3), slots(S, A, L, 3, 2),
             tuple(torch.zeros(2, kv_heads, 0, head_dim) for _ in range(n)))
     kv = tuple({0: B, 2: PF if i < 2 * 2 else PK} for i in range(n))
-    with torch.no_grad():
+    with torch.no_grad(), exporting() as table:
         prog = torch.onnx.export(flat, args, dynamo=True, opset_version=18,
                                  dynamic_shapes=({0: B, 1: Sd}, {1: B, 2: Sd}, None, None, None, {0: B, 1: KEPT}, kv),
                                  input_names=flat.input_names(), output_names=flat.output_names(),
-                                 custom_translation_table=translation_table(), verbose=False)
+                                 custom_translation_table=table, verbose=False)
     m = attach_dart_function(prog.model_proto)
     dims = [d.dim_param or d.dim_value for d in m.graph.input[1].type.tensor_type.shape.dim]
     assert dims[0] == 3 and all(isinstance(d, str) for d in dims[1:]), dims

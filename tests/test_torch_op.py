@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dart_ops.decoder import DartDecoder, FlatDecoder
-from dart_ops.onnx_export import attach_dart_function, translation_table
+from dart_ops.onnx_export import attach_dart_function, exporting
 from dart_ops.onnx_op_slots import check_no_shape_inputs
 from dart_ops.reference import select_keep
 from dart_ops.spec import kept_len
@@ -58,11 +58,11 @@ class _Toy(torch.nn.Module):
 
 
 def _export(module, args, dynamic_shapes, names=None, output_names=None):
-    prog = torch.onnx.export(
-        module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
-        custom_translation_table=translation_table(), input_names=names,
-        output_names=output_names, verbose=False,
-    )
+    with exporting() as table:
+        prog = torch.onnx.export(
+            module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=dynamic_shapes,
+            custom_translation_table=table, input_names=names, output_names=output_names, verbose=False,
+        )
     return attach_dart_function(prog.model_proto)
 
 
@@ -180,3 +180,17 @@ def test_image_pivots_are_the_references(S, a, L, k):
     for b in range(2):
         want = (_top(pivot_scores(keys[b])[a:a + L], min(k, L)) + a).tolist()
         assert got[b].tolist() == want + [-1] * (k - len(want))
+
+
+def test_schema_is_registered_only_while_exporting():
+    """The op's schema (int64 output, what the decoder emits) exists during an export only, so an int32
+    standalone DartPruneSlots model still passes onnx's full check after an export in the same process."""
+    from dart_ops import onnx_export, onnx_op_slots
+    from dart_ops.spec import OP_DOMAIN, OP_VERSION
+
+    has = lambda: onnx.defs.has(onnx_op_slots.OP_NAME, OP_VERSION, OP_DOMAIN)
+    assert not has()
+    with onnx_export.exporting():
+        assert has()
+    assert not has()
+    onnx.checker.check_model(onnx_op_slots.standalone_model(index_dtype="int32"), full_check=True)
