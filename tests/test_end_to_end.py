@@ -119,6 +119,29 @@ def _vision_span(ids, manifest) -> tuple[int, int]:
     return len(at), int(at[0])
 
 
+@pytest.mark.parametrize("cut", ["image_last", "image_only"])
+@pytest.mark.parametrize("budget", [{"keep_ratio": 0.111}, {"keep_tokens": 0}, {"keep_tokens": 10**6}])
+def test_pruned_length_edges_equal_eager_dart(pipe, checkpoint_model, inputs, tiny_engine, cut, budget):
+    """The decoder's kept_slots length (the runtime's S', dart_ops.spec.kept_len of the span as the decoder
+    clamps it) at its edges: a prompt ending with the image (the last token is never pruned, so the
+    span is one shorter) or holding only the image; no budget, and one above the span. Kept positions,
+    first logits and tokens equal eager DART's (which sizes the op from its own counts)."""
+    ids, pixels = inputs
+    L, a = _vision_span(ids, tiny_engine[1])
+    ids = ids[:, :a + L] if cut == "image_last" else ids[:, a:a + L]
+    d = tiny_engine[1]["dart"]
+    ratio, tokens = budget.get("keep_ratio"), budget.get("keep_tokens")
+    config = DartConfig(d["layer"], d["pivots_image"], d["pivots_text"], keep_ratio=ratio, budget=tokens)
+    want = EagerDart(checkpoint_model, config).generate(ids, torch.from_numpy(pixels), max_new_tokens=4)
+    out = pipe.generate(input_ids=ids.numpy(), pixel_values=pixels, max_new_tokens=4, ignore_eos=True, **budget)
+    assert out.kept_positions == want.kept_positions
+    assert out.token_ids == want.token_ids[:len(out.token_ids)] and len(out.token_ids) == 4
+    np.testing.assert_allclose(out.first_logits, want.first_logits[0].numpy(), atol=1e-4, rtol=1e-4)
+    assert out.kept_positions[-1] == ids.shape[1] - 1  # the last prompt token is kept
+    if tokens == 10**6:
+        assert out.kept_positions == list(range(ids.shape[1]))
+
+
 def test_one_directory_serves_every_ratio(pipe, inputs, tiny_engine):
     ids, pixels = inputs
     kept = {r: len(pipe.generate(input_ids=ids.numpy(), pixel_values=pixels, keep_ratio=r, max_new_tokens=1)
