@@ -211,7 +211,7 @@ def test_exporter_records_the_processor(tiny_llava, tmp_path):
 
     family = families()["llava"]
     for processor, pad in ((tiny_processor(), False), (tiny_pad_processor(), True)):
-        loaded = family._loaded("llava-tiny", tiny_llava, processor)
+        loaded = family.loaded("llava-tiny", tiny_llava, processor)
         assert loaded.preprocess == {
             "image_size": 336, "pad_to_square": pad, "resample": "bicubic", "rescale": 1 / 255,
             "mean": CLIP_MEAN, "std": CLIP_STD, "shortest_edge": 336, "center_crop": True,

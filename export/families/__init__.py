@@ -65,8 +65,36 @@ class Family:
     def accepts_checkpoint(self, config: dict) -> bool:  # config.json of a local checkpoint
         raise NotImplementedError
 
+    # Random-weight presets (name -> anything; `random_model` builds them) and hub presets (name ->
+    # Hugging Face id, loaded from a local path or the HF cache only).
+    random_presets: dict = {}
+    hub_ids: dict[str, str] = {}
+
     def load(self, model: str, dtype, device=None) -> Loaded:
-        """The model on `device` (default CPU) in `dtype`, with what the runtime needs."""
+        """The model on `device` (default CPU) in `dtype`, with what the runtime needs: a random-weight
+        preset (`random_model`; its checkpoint is saved with the engine, the weights exist nowhere
+        else), a hub preset (`hub_ids`, local files only) or a checkpoint directory (`from_pretrained`),
+        then the family's `loaded` record."""
+        if model in self.random_presets:
+            hf, processor = self.random_model(model, dtype, device)
+            loaded = self.loaded(model, hf, processor)
+            loaded.save_checkpoint = lambda d: (hf.save_pretrained(d), processor.save_pretrained(d))
+            return loaded
+        source = self.hub_ids.get(model, model)
+        hf, processor = self.from_pretrained(source, dtype, local_only=model in self.hub_ids)
+        return self.loaded(model, hf.to(device) if device else hf, processor)
+
+    def random_model(self, model: str, dtype, device) -> tuple:
+        """(HF model, HF processor) of a random-weight preset (seeded)."""
+        raise NotImplementedError
+
+    def from_pretrained(self, source: str, dtype, local_only: bool) -> tuple:
+        """(HF model in eval mode, HF processor) from a checkpoint directory or hub id;
+        ModelNotAvailable (one line) when it cannot be loaded."""
+        raise NotImplementedError
+
+    def loaded(self, name: str, hf, processor) -> Loaded:
+        """The Loaded record of an HF model and its processor (preprocess, prompt, token ids)."""
         raise NotImplementedError
 
     def vision_tokens(self, model: str) -> int:

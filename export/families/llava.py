@@ -273,18 +273,13 @@ class LlavaFamily(Family):
         vision = json.loads((Path(model) / "config.json").read_text()).get("vision_config", {})
         return (vision.get("image_size", IMAGE_SIZE) // vision.get("patch_size", PATCH_SIZE)) ** 2
 
-    def load(self, model: str, dtype, device=None) -> Loaded:
-        if model in RANDOM_PRESETS:
-            hf = build_random_model(model, seed=0, dtype=dtype, device=device)
-            processor = tiny_processor()
-            loaded = self._loaded(model, hf, processor)
-            loaded.save_checkpoint = lambda d: (hf.save_pretrained(d), processor.save_pretrained(d))
-            return loaded
-        source = HUB_ID if model == "llava" else model
-        hf, processor = self._from_pretrained(source, dtype, local_only=(model == "llava"))
-        return self._loaded(model, hf.to(device) if device else hf, processor)
+    random_presets = RANDOM_PRESETS
+    hub_ids = {"llava": HUB_ID}
 
-    def _from_pretrained(self, source: str, dtype, local_only: bool):
+    def random_model(self, model: str, dtype, device) -> tuple:
+        return build_random_model(model, seed=0, dtype=dtype, device=device), tiny_processor()
+
+    def from_pretrained(self, source: str, dtype, local_only: bool):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         try:
@@ -300,7 +295,7 @@ class LlavaFamily(Family):
             ) from None
         return hf.eval(), processor
 
-    def _loaded(self, name: str, hf, processor) -> Loaded:
+    def loaded(self, name: str, hf, processor) -> Loaded:
         cfg = hf.config
         tok = processor.tokenizer
         patch = cfg.vision_config.patch_size

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from export.families import Family, Loaded, VisionExamples, register
 from export.families import llava_next_presets as presets
+from export.families.llava_next_presets import RANDOM_PRESETS
 
 HUB_IDS = {
     "llava-next": "llava-hf/llava-v1.6-mistral-7b-hf",
@@ -72,18 +73,13 @@ class LlavaNextFamily(Family):
 
     # --- loading ----------------------------------------------------------------------------------
 
-    def load(self, model: str, dtype, device=None) -> Loaded:
-        if model in presets.RANDOM_PRESETS:
-            hf = presets.build_random_model(model, seed=0, dtype=dtype, device=device)
-            processor = presets.tiny_processor(model)
-            loaded = self._loaded(model, hf, processor)
-            loaded.save_checkpoint = lambda d: (hf.save_pretrained(d), processor.save_pretrained(d))
-            return loaded
-        source = HUB_IDS.get(model, model)
-        hf, processor = self._from_pretrained(source, dtype, local_only=model in HUB_IDS)
-        return self._loaded(model, hf.to(device) if device else hf, processor)
+    random_presets = RANDOM_PRESETS  # (`presets` in this class body is the dict above)
+    hub_ids = HUB_IDS
 
-    def _from_pretrained(self, source: str, dtype, local_only: bool):
+    def random_model(self, model: str, dtype, device) -> tuple:
+        return presets.build_random_model(model, seed=0, dtype=dtype, device=device), presets.tiny_processor(model)
+
+    def from_pretrained(self, source: str, dtype, local_only: bool):
         from transformers import (
             LlavaNextForConditionalGeneration,
             LlavaNextImageProcessorPil,
@@ -103,7 +99,7 @@ class LlavaNextFamily(Family):
                 "no download") from None
         return hf.eval(), processor
 
-    def _loaded(self, name: str, hf, processor) -> Loaded:
+    def loaded(self, name: str, hf, processor) -> Loaded:
         from export.families.llava import prompt_spec
         from export.families.llava_next_spec import preprocess_spec
 
