@@ -19,6 +19,10 @@ class UnknownModel(ValueError):
     """--model names no preset of any family and no checkpoint directory."""
 
 
+class ModelNotAvailable(RuntimeError):
+    """The weights of a hub preset or checkpoint are not on this machine (or not readable)."""
+
+
 @dataclass
 class Loaded:
     """A model ready to export: the HF model, and what the runtime needs alongside the graphs."""
@@ -81,7 +85,14 @@ class Family:
             loaded.save_checkpoint = lambda d: (hf.save_pretrained(d), processor.save_pretrained(d))
             return loaded
         source = self.hub_ids.get(model, model)
-        hf, processor = self.from_pretrained(source, dtype, local_only=model in self.hub_ids)
+        try:
+            hf, processor = self.from_pretrained(source, dtype, local_only=model in self.hub_ids)
+        except OSError as e:
+            hub = source if not Path(source).is_dir() else next(iter(self.hub_ids.values()), "<hub id>")
+            raise ModelNotAvailable(
+                f"cannot load {source} ({str(e).splitlines()[0]}); point --model at a local checkpoint directory "
+                f"(e.g. from `hf download {hub} --local-dir DIR`), or use --model {self.tiny()[0]}, which needs "
+                "no download") from None
         return self.loaded(model, hf.to(device) if device else hf, processor)
 
     def random_model(self, model: str, dtype, device) -> tuple:
@@ -89,8 +100,8 @@ class Family:
         raise NotImplementedError
 
     def from_pretrained(self, source: str, dtype, local_only: bool) -> tuple:
-        """(HF model in eval mode, HF processor) from a checkpoint directory or hub id;
-        ModelNotAvailable (one line) when it cannot be loaded."""
+        """(HF model in eval mode, HF processor) from a checkpoint directory or hub id (local files only
+        when `local_only`); an OSError (files missing) becomes load's one-line ModelNotAvailable."""
         raise NotImplementedError
 
     def loaded(self, name: str, hf, processor) -> Loaded:

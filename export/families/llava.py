@@ -28,9 +28,6 @@ TINY_IMAGE_TOKEN_ID = TINY_VOCAB - 1
 TINY_TOKENIZER = Path(__file__).parent / "data" / "llava_tiny_tokenizer.json"
 
 
-class ModelNotAvailable(RuntimeError):
-    """The weights of a preset are not on this machine."""
-
 
 @dataclass(frozen=True)
 class RandomPreset:
@@ -282,17 +279,8 @@ class LlavaFamily(Family):
     def from_pretrained(self, source: str, dtype, local_only: bool):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        try:
-            hf = LlavaForConditionalGeneration.from_pretrained(
-                source, dtype=dtype, local_files_only=local_only
-            )
-            processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
-        except OSError as e:
-            raise ModelNotAvailable(
-                f"cannot load {source} ({str(e).splitlines()[0]}); point --model at a local "
-                "checkpoint directory (e.g. from `hf download " + HUB_ID + " --local-dir DIR`), "
-                "or use --model llava-tiny, which needs no download"
-            ) from None
+        hf = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
         return hf.eval(), processor
 
     def loaded(self, name: str, hf, processor) -> Loaded:

@@ -36,9 +36,6 @@ TRACE_SIZE = (480, 640)  # (H, W): 5 crops at the default pinpoints, 2340 tokens
 VALIDATION_SIZES = ((1000, 333), (336, 336), (333, 1000))  # other crop and token counts than traced
 
 
-class ModelNotAvailable(RuntimeError):
-    """The weights of a preset are not on this machine."""
-
 
 class LlavaNextFamily(Family):
     name = "llava_next"
@@ -86,17 +83,11 @@ class LlavaNextFamily(Family):
             LlavaNextProcessor,
         )
 
-        try:
-            hf = LlavaNextForConditionalGeneration.from_pretrained(source, dtype=dtype, local_files_only=local_only)
-            # The PIL image processor explicitly: the torchvision one (transformers' default when it is
-            # installed) differs from PIL's resampling, which the runtime reproduces bit for bit.
-            processor = LlavaNextProcessor.from_pretrained(source, local_files_only=local_only)
-            processor.image_processor = LlavaNextImageProcessorPil.from_pretrained(source, local_files_only=local_only)
-        except OSError as e:
-            raise ModelNotAvailable(
-                f"cannot load {source} ({str(e).splitlines()[0]}); point --model at a local checkpoint directory "
-                f"(e.g. from `hf download {source} --local-dir DIR`), or use --model llava-next-tiny, which needs "
-                "no download") from None
+        hf = LlavaNextForConditionalGeneration.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        # The PIL image processor explicitly: the torchvision one (transformers' default when it is
+        # installed) differs from PIL's resampling, which the runtime reproduces bit for bit.
+        processor = LlavaNextProcessor.from_pretrained(source, local_files_only=local_only)
+        processor.image_processor = LlavaNextImageProcessorPil.from_pretrained(source, local_files_only=local_only)
         return hf.eval(), processor
 
     def loaded(self, name: str, hf, processor) -> Loaded:

@@ -43,9 +43,6 @@ TRACE_GRID = (16, 22)  # patches; 88 vision tokens, 2 windows of 2.5's 112 px
 VALIDATION_GRIDS = ((8, 12), (20, 10), (6, 6))  # other token and window counts than traced
 
 
-class ModelNotAvailable(RuntimeError):
-    """The weights of a preset are not on this machine."""
-
 
 def cap_max_pixels(spec: dict, max_seq: int, pivots: int, user_cap: int | None) -> dict:
     """The preprocess spec with max_pixels capped so the largest image's L tokens satisfy
@@ -113,20 +110,14 @@ class QwenVLFamily(Family):
 
         import transformers
 
-        try:
-            if Path(source).is_dir():
-                model_type = json.loads((Path(source) / "config.json").read_text())["model_type"]
-            else:
-                model_type = "qwen2_5_vl" if "2.5" in source else "qwen2_vl"
-            cls = (transformers.Qwen2VLForConditionalGeneration if model_type == "qwen2_vl"
-                   else transformers.Qwen2_5_VLForConditionalGeneration)
-            hf = cls.from_pretrained(source, dtype=dtype, local_files_only=local_only)
-            processor = presets.image_text_processor(model_type).from_pretrained(source, local_files_only=local_only)
-        except OSError as e:
-            raise ModelNotAvailable(
-                f"cannot load {source} ({str(e).splitlines()[0]}); point --model at a local checkpoint "
-                f"directory (e.g. from `hf download {source} --local-dir DIR`), or use --model qwen2-vl-tiny, "
-                "which needs no download") from None
+        if Path(source).is_dir():
+            model_type = json.loads((Path(source) / "config.json").read_text())["model_type"]
+        else:
+            model_type = "qwen2_5_vl" if "2.5" in source else "qwen2_vl"
+        cls = (transformers.Qwen2VLForConditionalGeneration if model_type == "qwen2_vl"
+               else transformers.Qwen2_5_VLForConditionalGeneration)
+        hf = cls.from_pretrained(source, dtype=dtype, local_files_only=local_only)
+        processor = presets.image_text_processor(model_type).from_pretrained(source, local_files_only=local_only)
         return hf.eval(), processor
 
     def loaded(self, name: str, hf, processor) -> Loaded:
