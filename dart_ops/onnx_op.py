@@ -221,12 +221,7 @@ def dart_prune_function(opset: int = 17, max_pivots: int = MAX_PIVOTS,
     hold up to max_span tokens. Both size the body: `max_pivots` unrolled steps, each sorting
     `max_span` entries, so an exporter that knows its model (LLaVA-1.5: 8 pivots, 576 vision
     tokens) builds a body several times cheaper than the general one (16 x 3840)."""
-    if opset < 17:
-        raise ValueError(f"DartPrune needs opset >= 17, got {opset}")
-    if not 1 <= max_span <= MAX_SPAN:
-        raise ValueError(f"max_span must be in [1, {MAX_SPAN}] (TensorRT's TopK limit), got {max_span}")
-    if not 1 <= max_pivots <= max_span // 2:
-        raise ValueError(f"max_pivots must be in [1, {max_span // 2}], got {max_pivots}")
+    check_sizes(OP_NAME, opset, max_pivots, max_span)
     # Plain attribute names, no attribute_proto defaults: onnx 1.23's inliner does not apply
     # defaults (it leaves the referencing Constant empty), so every node must set both.
     return helper.make_function(
@@ -234,6 +229,17 @@ def dart_prune_function(opset: int = 17, max_pivots: int = MAX_PIVOTS,
         [helper.make_opsetid("", opset)], attributes=list(ATTRIBUTES),
         doc_string=f"DART token selection (canonical pivot order), up to {max_pivots} pivots and "
                    f"{max_span} span tokens.")
+
+
+def check_sizes(op: str, opset: int, max_pivots: int, max_span: int) -> None:
+    """Raise ValueError unless `op`'s function body (DartPrune's or DartPruneSlots') can be built for
+    this opset with `max_pivots` unrolled steps over `max_span` entries."""
+    if opset < 17:
+        raise ValueError(f"{op} needs opset >= 17, got {opset}")
+    if not 1 <= max_span <= MAX_SPAN:
+        raise ValueError(f"max_span must be in [1, {MAX_SPAN}] (TensorRT's TopK limit), got {max_span}")
+    if not 1 <= max_pivots <= max_span // 2:
+        raise ValueError(f"max_pivots must be in [1, {max_span // 2}], got {max_pivots}")
 
 
 def check_pivots(pivots_image: int, pivots_text: int, max_pivots: int = MAX_PIVOTS) -> None:
@@ -246,12 +252,19 @@ def check_pivots(pivots_image: int, pivots_text: int, max_pivots: int = MAX_PIVO
                          f"{pivots_image}+{pivots_text}; build the function with more")
 
 
+def dart_node(op: str, inputs, output: str, pivots_image: int, pivots_text: int, max_pivots: int,
+              name: str) -> onnx.NodeProto:
+    """A node of DART op `op` (DartPrune or DartPruneSlots) in the `dart` domain, with both pivot
+    attributes set (checked against the body's max_pivots)."""
+    check_pivots(pivots_image, pivots_text, max_pivots)
+    return helper.make_node(op, list(inputs), [output], name=name, domain=OP_DOMAIN,
+                            pivots_image=pivots_image, pivots_text=pivots_text)
+
+
 def dart_prune_node(inputs, output: str, pivots_image: int = 4, pivots_text: int = 4,
                     max_pivots: int = MAX_PIVOTS, name: str = "dart_prune") -> onnx.NodeProto:
     """A dart::DartPrune node; `inputs` are the five input names in INPUTS order."""
-    check_pivots(pivots_image, pivots_text, max_pivots)
-    return helper.make_node(OP_NAME, list(inputs), [output], name=name, domain=OP_DOMAIN,
-                            pivots_image=pivots_image, pivots_text=pivots_text)
+    return dart_node(OP_NAME, inputs, output, pivots_image, pivots_text, max_pivots, name)
 
 
 def standalone_model(pivots_image: int = 4, pivots_text: int = 4, opset: int = 17, *,

@@ -60,7 +60,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, inliner
 
-from dart_ops.onnx_op import ATTRIBUTES, IR_VERSION, _Body, _counts, check_pivots
+from dart_ops.onnx_op import ATTRIBUTES, IR_VERSION, _Body, _counts, check_sizes, dart_node
 from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, OP_DOMAIN, OP_VERSION, kept_len
 
 OP_NAME = "DartPruneSlots"
@@ -185,12 +185,7 @@ def dart_prune_slots_function(opset: int = 17, max_pivots: int = MAX_PIVOTS, max
     equal the model's), sized like DartPrune's (`max_pivots` unrolled steps sorting `max_span`
     entries each). `index_dtype` ("int64" or "int32") is the dtype of `keep`; the scalar inputs may
     be either."""
-    if opset < 17:
-        raise ValueError(f"DartPruneSlots needs opset >= 17, got {opset}")
-    if not 1 <= max_span <= MAX_SPAN:
-        raise ValueError(f"max_span must be in [1, {MAX_SPAN}] (TensorRT's TopK limit), got {max_span}")
-    if not 1 <= max_pivots <= max_span // 2:
-        raise ValueError(f"max_pivots must be in [1, {max_span // 2}], got {max_pivots}")
+    check_sizes(OP_NAME, opset, max_pivots, max_span)
     if index_dtype not in INDEX_DTYPES:
         raise ValueError(f"index_dtype must be one of {sorted(INDEX_DTYPES)}, got {index_dtype!r}")
     # Plain attribute names without defaults: onnx 1.23's inliner does not apply attribute defaults.
@@ -205,9 +200,7 @@ def dart_prune_slots_function(opset: int = 17, max_pivots: int = MAX_PIVOTS, max
 def dart_prune_slots_node(inputs, output: str, pivots_image: int = 4, pivots_text: int = 4,
                           max_pivots: int = MAX_PIVOTS, name: str = "dart_prune_slots") -> onnx.NodeProto:
     """A dart::DartPruneSlots node; `inputs` are the six input names in INPUTS order."""
-    check_pivots(pivots_image, pivots_text, max_pivots)
-    return helper.make_node(OP_NAME, list(inputs), [output], name=name, domain=OP_DOMAIN,
-                            pivots_image=pivots_image, pivots_text=pivots_text)
+    return dart_node(OP_NAME, inputs, output, pivots_image, pivots_text, max_pivots, name)
 
 
 def standalone_model(pivots_image: int = 4, pivots_text: int = 4, opset: int = 17, *, dtype: str = "float32",
