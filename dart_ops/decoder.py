@@ -20,8 +20,9 @@ gathered, so kept tokens keep their original positions. span_len 0 keeps all tok
 is how decode steps (and unpruned prompts) run through the same graph. The pruned length comes from
 kept_slots' shape, never from the scalars' values, so the exported graph has no shape-tensor input
 (dart_ops/onnx_op_slots.py; docs/TENSORRT_10.3.md section 4); the integer outputs are int32, what
-TensorRT 10.3's TopK and Gather produce natively (docs/TENSORRT_10.3.md section 7). Everything model-specific (which
-modules, the rotary of the position layout, how a cache is passed) goes through the adapter.
+TensorRT 10.3's TopK and Gather produce natively (docs/TENSORRT_10.3.md section 7). Everything
+model-specific (which modules, the rotary of the position layout, how a cache is passed) goes
+through the adapter.
 """
 
 from __future__ import annotations

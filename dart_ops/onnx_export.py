@@ -7,9 +7,9 @@ exporter (`dynamo=False`) is deprecated in torch 2.9+, and the dynamo exporter's
 of its `kept_slots` input, so the graph after it is dynamic in an ordinary input axis ("kept").
 The HF attention must be "eager" for export (SDPA's GQA path guards on the pruned length).
 
-`exporting()` registers the op's schema for the export only. After export, `attach_dart_function` ships the op's body as a model-local function, so ONNX
-Runtime and TensorRT's parser run the model with no plugin, and sets the IR version ONNX Runtime
-1.31 accepts.
+`exporting()` registers the op's schema for the export only. After export, `attach_dart_function`
+ships the op's body as a model-local function, so ONNX Runtime and TensorRT's parser run the model
+with no plugin, and sets the IR version ONNX Runtime 1.31 accepts.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ profile over its dimensions.
                 index_dtype="int32" (ONNX TopK's indices are int64: one Cast at the end)
 
 Contract: S' must equal `dart_ops.spec.kept_len(S, a, L, quota, pivots_image, pivots_text)` (the
-runtime computes it before the call; S' = S when span_len is 0, as in decode steps), and span_len <= max_span. The graph cannot check either: without a
-data-dependent shape there is no loud failure TensorRT could raise, and an out-of-range Gather is
+runtime computes it before the call; S' = S when span_len is 0, as in decode steps), and span_len
+<= max_span. The graph cannot check either: without a data-dependent shape there is no loud
+failure TensorRT could raise, and an out-of-range Gather is
 undefined behaviour there (not an error). Out of contract the output stays well defined and every
 index in [0, S): output slot i depends only on i, so a too small S' cuts the kept indices and a too
 large one continues them, clamped at S - 1; span tokens past the first max_span are dropped.

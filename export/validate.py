@@ -111,7 +111,8 @@ def validate(out: Path, modules: dict, decls: dict, examples, dims: dict, counts
         present = tuple(want[1:1 + len(flat.present_names())])  # the KV the decode step continues from
 
         step = [(torch.randn(1, 1, dims["hidden_size"], generator=g) * 0.5).to(dtype),
-                _positions(flat, torch.tensor([S], dtype=torch.int32)), *_ints(0, 0, 0), flat.decoder.kept_slots(1, 1, 0, 0, 0)]
+                _positions(flat, torch.tensor([S], dtype=torch.int32)), *_ints(0, 0, 0),
+                flat.decoder.kept_slots(1, 1, 0, 0, 0)]
         want2 = flat(*step, present)
         ref2 = ref_of("decoder", *up(step), tuple(up(present)))
         feeds = {n: t.numpy() for n, t in zip(names_in, [*step, *present])}
