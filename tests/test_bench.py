@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_rows import rows_by
 
 from bench.probes import BenchError, PeakRSS, dart_share
 from dart_ops import flops
@@ -58,10 +59,6 @@ def doc(bench):
     return json.loads(out_json.read_text())
 
 
-def _rows(doc) -> dict:
-    return {(r["runtime"], r["keep_ratio"]): r for r in doc["rows"]}
-
-
 def test_exit_code_and_table(bench):
     proc, _, _ = bench
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -99,7 +96,7 @@ def test_json_rows_in_order(doc):
 
 @pytest.mark.parametrize("key", EXPECTED_ROWS, ids=lambda k: f"{k[0]}@{k[1]:g}")
 def test_json_row_figures(doc, tiny_engine, key):
-    meta, row = doc["meta"], _rows(doc)[key]
+    meta, row = doc["meta"], rows_by(doc)[key]
     for name in POSITIVE:
         value = row[name]
         assert isinstance(value, (int, float)) and not isinstance(value, bool), (name, value)
@@ -124,7 +121,7 @@ def test_json_row_figures(doc, tiny_engine, key):
 
 
 def test_json_kv_cache(doc):
-    rows = _rows(doc)
+    rows = rows_by(doc)
     for rt in ("eager-dart", "ort"):
         assert rows[(rt, LOW)]["kv_bytes"] < rows[(rt, 1.0)]["kv_bytes"], rt
     for ratio in (1.0, LOW):  # the same fp32 cache layout in both
@@ -134,7 +131,7 @@ def test_json_kv_cache(doc):
 
 
 def test_json_dart_profile(doc):
-    row = _rows(doc)[("ort", LOW)]
+    row = rows_by(doc)[("ort", LOW)]
     assert row["dart_prune_ms"] > 0
     assert 0 < row["dart_prune_share"] < 1
 
@@ -162,7 +159,7 @@ def test_flop_limit_matches_flop_model(doc, tiny_engine):
     meta = doc["meta"]
     S, a, L = meta["prompt_tokens"], meta["span_start"], meta["vision_tokens"]
     shape = flops.ModelShape.from_llava_config(config)
-    got = _rows(doc)[("ort", LOW)]["flop_limit_speedup"]
+    got = rows_by(doc)[("ort", LOW)]["flop_limit_speedup"]
     assert got == pytest.approx(flops.speedup_limit(shape, S, a, L, _dart(manifest, LOW)), abs=1e-9)
     assert got == pytest.approx(flops.speedup_limit(shape, S, a, L, DartConfig(keep_ratio=LOW)), abs=1e-9)
 
@@ -338,7 +335,7 @@ def test_int4_rows_next_to_ort(tiny_engine, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "quantized vs ort (fp32)" in proc.stdout
     doc = json.loads(out.read_text())
-    rows = _rows(doc)
+    rows = rows_by(doc)
     assert list(rows) == [("ort", 1.0), ("ort", LOW), ("ort-int4", 1.0), ("ort-int4", LOW)]
     int4_dir = engine_dir.with_name(engine_dir.name + "-int4")
     assert doc["meta"]["quantized"] == {"int4": str(int4_dir)}

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from bench_rows import assert_rows_see_the_same_tokens, rows_by
 
 from bench.config import DEFAULT_IMAGE, DEFAULT_PROMPT, BenchConfig
 from bench.families import LLAVA_NEXT, NATIVE, NEXT_IMAGE_SIZE, Inputs, for_family, load_image
@@ -187,10 +188,6 @@ def run(tmp_path_factory):
     return proc, json.loads(out.read_text()), engine
 
 
-def _rows(doc) -> dict:
-    return {(r["runtime"], r["keep_ratio"]): r for r in doc["rows"]}
-
-
 def test_rows_and_the_image_the_processor_sees(run, processor):
     proc, doc, _ = run
     meta = doc["meta"]
@@ -206,21 +203,12 @@ def test_rows_and_the_image_the_processor_sees(run, processor):
 
 
 def test_every_row_sees_the_same_tokens(run):
-    _, doc, _ = run
-    rows, S = _rows(doc), doc["meta"]["prompt_tokens"]
-    for r in doc["rows"]:
-        assert (r["prompt_tokens"], r["vision_tokens"], r["new_tokens"], len(r["token_ids"])) == (S, L, 4, 4)
-    hf = rows[("eager-hf", 1.0)]["token_ids"]
-    assert rows[("ort", 1.0)]["token_ids"] == hf == rows[("eager-dart", 1.0)]["token_ids"]
-    assert rows[("ort", LOW)]["token_ids"] == rows[("eager-dart", LOW)]["token_ids"]
-    for ratio in (1.0, LOW):  # the same kept tokens and the same fp32 KV layout
-        eager, ort = rows[("eager-dart", ratio)], rows[("ort", ratio)]
-        assert (eager["kept_tokens"], eager["kv_bytes"]) == (ort["kept_tokens"], ort["kv_bytes"])
+    assert_rows_see_the_same_tokens(run[1], L, LOW)
 
 
 def test_kept_counts_and_flop_limit(run):
     _, doc, engine = run
-    rows, meta = _rows(doc), doc["meta"]
+    rows, meta = rows_by(doc), doc["meta"]
     S, a = meta["prompt_tokens"], meta["span_start"]
     for rt in ("eager-dart", "ort"):  # T = 40: 4 image pivots + 8 * 40 = 324 vision tokens kept
         assert (rows[(rt, LOW)]["kept_vision_tokens"], rows[(rt, LOW)]["kept_tokens"]) == (324, S - L + 324)

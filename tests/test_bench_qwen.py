@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_rows import assert_rows_see_the_same_tokens, rows_by
 
 from bench.config import DEFAULT_IMAGE, DEFAULT_PROMPT, BenchConfig
 from bench.families import NATIVE, QWEN2_VL, QWEN_IMAGE_SIZE, Inputs, for_family, load_image
@@ -58,10 +59,6 @@ def run(tmp_path_factory):
     return proc, json.loads(out.read_text()), engine
 
 
-def _rows(doc) -> dict:
-    return {(r["runtime"], r["keep_ratio"]): r for r in doc["rows"]}
-
-
 def test_rows_and_the_image_the_processor_sees(run):
     proc, doc, _ = run
     meta = doc["meta"]
@@ -78,21 +75,12 @@ def test_rows_and_the_image_the_processor_sees(run):
 
 
 def test_every_row_sees_the_same_tokens(run):
-    _, doc, _ = run
-    rows, S = _rows(doc), doc["meta"]["prompt_tokens"]
-    for r in doc["rows"]:
-        assert (r["prompt_tokens"], r["vision_tokens"], r["new_tokens"], len(r["token_ids"])) == (S, L, 4, 4)
-    hf = rows[("eager-hf", 1.0)]["token_ids"]
-    assert rows[("ort", 1.0)]["token_ids"] == hf == rows[("eager-dart", 1.0)]["token_ids"]
-    assert rows[("ort", LOW)]["token_ids"] == rows[("eager-dart", LOW)]["token_ids"]
-    for ratio in (1.0, LOW):  # the same kept tokens and the same fp32 KV layout
-        eager, ort = rows[("eager-dart", ratio)], rows[("ort", ratio)]
-        assert (eager["kept_tokens"], eager["kv_bytes"]) == (ort["kept_tokens"], ort["kv_bytes"])
+    assert_rows_see_the_same_tokens(run[1], L, LOW)
 
 
 def test_kept_counts_and_flop_limit(run):
     _, doc, engine = run
-    rows, meta = _rows(doc), doc["meta"]
+    rows, meta = rows_by(doc), doc["meta"]
     S, a = meta["prompt_tokens"], meta["span_start"]
     # budget round(0.111 * 247) = 27, T = 27 // 8 = 3: 4 image pivots + 8 * 3 = 28 vision tokens kept
     assert DartConfig(keep_ratio=LOW).counts(L, S - a - L).kept_vision == 28
