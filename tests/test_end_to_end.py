@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_runs import generate_without_torch
 
 import runtime
 from dart_ops.eager import EagerDart
@@ -200,22 +201,9 @@ def test_keep_tokens_equals_eager_dart_with_that_budget(pipe, checkpoint_model, 
     assert r.returncode == 2 and "not allowed with argument" in r.stderr
 
 
-BLOCKED = """
-import sys, json
-sys.modules["torch"] = None
-sys.modules["transformers"] = None
-import runtime
-out = runtime.load(sys.argv[1]).generate(prompt="What is this?", image=sys.argv[2], max_new_tokens=12)
-assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
-print(json.dumps({"token_ids": out.token_ids, "kept": out.kept_positions}))
-"""
-
 
 def test_runtime_without_torch(pipe, tiny_engine):
-    r = subprocess.run([sys.executable, "-c", BLOCKED, str(tiny_engine[0]), str(SAMPLE)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    got = json.loads(r.stdout)
+    got = generate_without_torch(tiny_engine[0], SAMPLE, max_new_tokens=12)
     want = pipe.generate(prompt="What is this?", image=SAMPLE, max_new_tokens=12)
     assert got == {"token_ids": want.token_ids, "kept": want.kept_positions}
 

@@ -20,12 +20,14 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from engine_runs import assert_checkpoint_round_trip, generate_without_torch  # noqa: E402
+from vlm_inputs import hf_chat_inputs, smooth_image  # noqa: E402
+
 import runtime  # noqa: E402
 from dart_ops.spec import DartConfig  # noqa: E402
 from export.families import llava_next_presets as presets  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
 from runtime.steps import Request  # noqa: E402
-from vlm_inputs import hf_chat_inputs, smooth_image  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ("llava-next-tiny", "llava-next-vicuna-tiny")
@@ -180,40 +182,20 @@ def test_kept_picture(nxt, tmp_path):
 
 def test_checkpoint_round_trip(nxt):
     """The engine's checkpoint/ loads as a local checkpoint directory with the same family and sizes."""
-    from export.families import resolve
-
     _, out, _, hf, _ = nxt
-    fam = resolve(str(out / "checkpoint"))
-    assert fam.name == "llava_next"
-    loaded = fam.load(str(out / "checkpoint"), torch.float32)
-    assert loaded.prompt == json.loads((out / "manifest.json").read_text())["prompt"]
+    loaded = assert_checkpoint_round_trip(out, hf, "llava_next")
     assert loaded.preprocess == {k: v for k, v in json.loads((out / "manifest.json").read_text())["preprocess"]
                                  .items()}
-    sd, sd2 = hf.state_dict(), loaded.model.state_dict()
-    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
 
-
-BLOCKED = """
-import sys, json
-sys.modules["torch"] = None
-sys.modules["transformers"] = None
-import runtime
-out = runtime.load(sys.argv[1]).generate(prompt="What is this?", image=sys.argv[2], max_new_tokens=8,
-                                         keep_ratio=0.111)
-assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers") and sys.modules[m]]
-print(json.dumps({"token_ids": out.token_ids, "kept": out.kept_positions}))
-"""
 
 
 def test_runtime_without_torch(nxt, tmp_path):
     _, out, pipe, _, _ = nxt
     path = tmp_path / "img.png"
     IMAGES["portrait"][0].save(path)
-    r = subprocess.run([sys.executable, "-c", BLOCKED, str(out), str(path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    got = generate_without_torch(out, path, max_new_tokens=8, keep_ratio=0.111)
     want = pipe.generate(prompt="What is this?", image=path, max_new_tokens=8, keep_ratio=0.111)
-    assert json.loads(r.stdout) == {"token_ids": want.token_ids, "kept": want.kept_positions}
+    assert got == {"token_ids": want.token_ids, "kept": want.kept_positions}
 
 
 def test_fp16_export_validates_and_passes_the_tensorrt_check(tmp_path):
