@@ -3,23 +3,17 @@ golden file: keep indices must be equal element for element, length included."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnx.inliner
 import onnxruntime as ort
 import pytest
-import torch
+from conftest import open_golden
+from dart_cases import DEGENERATE, FORBIDDEN, GOLDEN, reference, tied_case
 from onnx import numpy_helper
 
-from conftest import open_golden
 from dart_ops import onnx_op
-from dart_ops.reference import select_keep
 from dart_ops.spec import MAX_SPAN, OP_DOMAIN, OP_NAME, effective_counts
-
-GOLDEN = Path(__file__).parent / "data" / "dart_llava_golden.npz"
-FORBIDDEN = {"NonZero", "Loop", "If", "Scan"}
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +38,6 @@ def session():
     return get
 
 
-def reference(hidden, keys, a, L, q, pi, pt):
-    """select_keep on the fp32 upcast of the inputs; a negative quota counts as 0 (the op clamps)."""
-    h = torch.from_numpy(np.asarray(hidden, np.float32))
-    k = torch.from_numpy(np.asarray(keys, np.float32))
-    return select_keep(h, k, a, L, max(q, 0), pivots_image=pi, pivots_text=pt,
-                       order="canonical").numpy()
-
-
 def check(sess, hidden, keys, a, L, q, pi, pt):
     got = onnx_op.run_standalone(sess, hidden, keys, a, L, q)
     want = reference(hidden, keys, a, L, q, pi, pt)
@@ -62,23 +48,6 @@ def check(sess, hidden, keys, a, L, q, pi, pt):
     kept = effective_counts(L, S - a - L, max(q, 0), pi, pt).kept_len(S)
     assert got.shape[-1] == kept
     return got
-
-
-def tied_case(rng, S, batch=2, dim=16, key_dim=8, n_hidden=5, n_keys=6):
-    """Inputs full of exact ties: hidden rows are power-of-two multiples of a few random +-1
-    vectors (norms and cosines exact in fp32 and fp16: multiples of 1/dim) and key rows are a
-    few small-integer vectors (exact L1 norms). Distinct cosines are checked to be far apart."""
-    while True:
-        signs = rng.choice([-1.0, 1.0], size=(batch, n_hidden, dim))
-        scale = rng.choice([0.5, 1.0, 2.0], size=(batch, S, 1))
-        which = rng.integers(0, n_hidden, size=(batch, S))
-        hidden = np.stack([signs[b][which[b]] for b in range(batch)]) * scale  # (B, S, dim)
-        pool = rng.integers(-3, 4, size=(batch, n_keys, key_dim)).astype(np.float64)
-        keys = np.stack([pool[b][rng.integers(0, n_keys, size=S)] for b in range(batch)])
-        unit = signs / np.linalg.norm(signs, axis=-1, keepdims=True)
-        cos = np.unique(np.round(unit @ unit.transpose(0, 2, 1), 12))  # every pivot-token value
-        if np.all(np.diff(cos) > 1e-4):
-            return hidden.astype(np.float32), keys.astype(np.float32)
 
 
 # --- golden -------------------------------------------------------------------------------------
@@ -133,25 +102,7 @@ def test_float16(golden):
             assert np.array_equal(got, want)
 
 
-# --- degenerate inputs --------------------------------------------------------------------------
-
-DEGENERATE = [  # (label, S, a, L, q)
-    ("no image", 50, 10, 0, 5),
-    ("no image at all, S tokens", 7, 0, 0, 3),
-    ("span at the very end", 60, 10, 50, 3),
-    ("fewer text tokens than pivots", 62, 10, 50, 3),
-    ("L < pivots_image", 30, 5, 2, 3),
-    ("L == pivots_image", 30, 5, 4, 3),
-    ("L == pivots_image + 1", 30, 5, 5, 3),
-    ("span_start 0", 60, 0, 40, 2),
-    ("whole sequence is the span", 64, 0, 64, 4),
-    ("single token span", 20, 5, 1, 2),
-    ("quota 0", 80, 8, 60, 0),
-    ("huge quota", 80, 8, 60, 10**9),
-    ("negative quota counts as 0", 80, 8, 60, -4),
-    ("P*T == L - P_img", 40, 2, 28, 3),
-]
-
+# --- degenerate inputs (dart_cases.DEGENERATE) ---------------------------------------------------
 
 @pytest.mark.parametrize("pi,pt", [(4, 4), (8, 0), (1, 3)])
 @pytest.mark.parametrize("label,S,a,L,q", DEGENERATE, ids=[d[0] for d in DEGENERATE])

@@ -5,24 +5,20 @@ graph input reaches a shape, by our dataflow walk and by export.check_trt's rule
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import dart_cases
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 from conftest import open_golden
+from dart_cases import FORBIDDEN, GOLDEN, reference, tied_case
 from onnx import TensorProto, helper, inliner, numpy_helper
 
 from dart_ops import onnx_op
 from dart_ops import onnx_op_slots as slots
-from dart_ops.reference import select_keep
 from dart_ops.spec import MAX_SPAN, OP_DOMAIN, effective_counts
 from export.check_trt import check_model
 
-GOLDEN = Path(__file__).parent / "data" / "dart_llava_golden.npz"
-FORBIDDEN = {"NonZero", "Loop", "If", "Scan"}
 _NP = {"int64": np.int64, "int32": np.int32}
 
 
@@ -47,13 +43,6 @@ def session():
     return get
 
 
-def reference(hidden, keys, a, L, q, pi, pt):
-    """select_keep on the fp32 upcast of the inputs; a negative quota counts as 0 (the op clamps)."""
-    h = torch.from_numpy(np.asarray(hidden, np.float32))
-    k = torch.from_numpy(np.asarray(keys, np.float32))
-    return select_keep(h, k, a, L, max(q, 0), pivots_image=pi, pivots_text=pt, order="canonical").numpy()
-
-
 def check(sess, hidden, keys, a, L, q, pi, pt, index_dtype="int64"):
     """Run with S' = Counts.kept_len (computed here, not by run_standalone) and compare."""
     S = hidden.shape[-2]
@@ -64,21 +53,6 @@ def check(sess, hidden, keys, a, L, q, pi, pt, index_dtype="int64"):
     assert got.shape == want.shape and got.shape[-1] == kept, (got.shape, want.shape, kept)
     assert np.array_equal(got, want), f"a={a} L={L} q={q} pivots={pi}+{pt}"
     return got
-
-
-def tied_case(rng, S, batch=2, dim=16, key_dim=8):
-    """Inputs full of exact ties: hidden rows are power-of-two multiples of 5 random +-1 vectors
-    (norms and cosines exact in fp32 and fp16), key rows are 6 small-integer vectors (exact L1
-    norms). Distinct cosines are checked to be far apart."""
-    while True:
-        signs = rng.choice([-1.0, 1.0], size=(batch, 5, dim))
-        scale = rng.choice([0.5, 1.0, 2.0], size=(batch, S, 1))
-        hidden = np.stack([signs[b][rng.integers(0, 5, size=S)] for b in range(batch)]) * scale  # (B, S, dim)
-        pool = rng.integers(-3, 4, size=(batch, 6, key_dim)).astype(np.float64)
-        keys = np.stack([pool[b][rng.integers(0, 6, size=S)] for b in range(batch)])  # (B, S, key_dim)
-        unit = signs / np.linalg.norm(signs, axis=-1, keepdims=True)
-        if np.all(np.diff(np.unique(np.round(unit @ unit.transpose(0, 2, 1), 12))) > 1e-4):
-            return hidden.astype(np.float32), keys.astype(np.float32)
 
 
 # --- golden -------------------------------------------------------------------------------------
@@ -141,23 +115,7 @@ def test_float16(session):
 
 # --- degenerate inputs --------------------------------------------------------------------------
 
-DEGENERATE = [  # (label, S, a, L, q)
-    ("no image", 50, 10, 0, 5),
-    ("no image at all, S tokens", 7, 0, 0, 3),
-    ("span at the very end", 60, 10, 50, 3),
-    ("fewer text tokens than pivots", 62, 10, 50, 3),
-    ("L < pivots_image", 30, 5, 2, 3),
-    ("L == pivots_image", 30, 5, 4, 3),
-    ("L == pivots_image + 1", 30, 5, 5, 3),
-    ("span_start 0", 60, 0, 40, 2),
-    ("whole sequence is the span", 64, 0, 64, 4),
-    ("single token span", 20, 5, 1, 2),
-    ("quota 0", 80, 8, 60, 0),
-    ("huge quota", 80, 8, 60, 10**9),
-    ("negative quota counts as 0", 80, 8, 60, -4),
-    ("P*T == L - P_img", 40, 2, 28, 3),
-    ("span of max_span tokens", 80, 4, 72, 5),
-]
+DEGENERATE = [*dart_cases.DEGENERATE, ("span of max_span tokens", 80, 4, 72, 5)]  # (label, S, a, L, q)
 
 
 @pytest.mark.parametrize("index_dtype", ["int64", "int32"])
