@@ -52,7 +52,7 @@ from PIL import Image
 
 from runtime import preprocess as _pp
 from runtime.errors import InputError
-from runtime.preprocess import _RESAMPLE, ImageLike, is_int, load_image, normalize_problem
+from runtime.preprocess import _RESAMPLE, ImageLike, is_int, load_image, normalize_problem, spec_kwargs
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -100,19 +100,11 @@ class NextPreprocessSpec:
     @classmethod
     def from_json(cls, raw: dict) -> NextPreprocessSpec:
         """The spec from its manifest object; ValueError (one line) for a missing, unknown or bad field."""
-        if not isinstance(raw, dict):
-            raise ValueError(f"{_WHERE}: expected an object, got {type(raw).__name__}")  # noqa: TRY004
-        names = [f.name for f in fields(cls)]
-        missing, unknown = [n for n in names if n not in raw], sorted(set(raw) - set(names))
-        if missing or unknown:
-            raise ValueError(f"{_WHERE}: missing {missing}, unknown {unknown}; re-export the engine")
-        for key in ("mean", "std"):
-            if not isinstance(raw[key], (list, tuple)):
-                raise ValueError(f"{_WHERE}: {key} must be a list of 3 numbers, got {raw[key]!r}")  # noqa: TRY004
+        kw = spec_kwargs(cls, raw, _WHERE)
         pins = raw["pinpoints"]
         if not isinstance(pins, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in pins):
             raise ValueError(f"{_WHERE}: pinpoints must be a list of [height, width] pairs, got {pins!r}")
-        kw = dict(raw, pinpoints=tuple(tuple(p) for p in pins), mean=tuple(raw["mean"]), std=tuple(raw["std"]))
+        kw["pinpoints"] = tuple(tuple(p) for p in pins)
         return cls(**kw)
 
 

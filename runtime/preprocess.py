@@ -29,8 +29,9 @@ equals Pillow's bit for bit (tests/test_preprocess.py forces it on ordinary imag
 
 from __future__ import annotations
 
-import math
 import logging
+import math
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,24 @@ def is_int(x) -> bool:
 
 def is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def spec_kwargs(cls, raw, where: str) -> dict:
+    """Constructor keywords of the spec dataclass `cls` from its manifest object `raw`: every field
+    present and no other, mean and std lists made tuples; ValueError (one line, `where` first)
+    otherwise. The values themselves are checked by the spec's own problem function."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object, got {type(raw).__name__}")  # noqa: TRY004
+    names = [f.name for f in fields(cls)]
+    missing, unknown = [n for n in names if n not in raw], sorted(set(raw) - set(names))
+    if missing or unknown:
+        raise ValueError(f"{where}: missing {missing}, unknown {unknown}; re-export the engine")
+    kw = dict(raw)
+    for key in ("mean", "std"):
+        if not isinstance(kw[key], (list, tuple)):
+            raise ValueError(f"{where}: {key} must be a list of 3 numbers, got {kw[key]!r}")  # noqa: TRY004
+        kw[key] = tuple(kw[key])
+    return kw
 
 
 def normalize_problem(spec) -> str | None:

@@ -21,12 +21,20 @@ uint8 array.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from runtime.errors import InputError
-from runtime.preprocess import _RESAMPLE, MAX_IMAGE_PIXELS, ImageLike, is_int, load_image, normalize_problem
+from runtime.preprocess import (
+    _RESAMPLE,
+    MAX_IMAGE_PIXELS,
+    ImageLike,
+    is_int,
+    load_image,
+    normalize_problem,
+    spec_kwargs,
+)
 
 MAX_ASPECT = 200  # transformers' smart_resize refuses a longer side over 200 x the shorter one
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -71,18 +79,7 @@ class QwenPreprocessSpec:
     @classmethod
     def from_json(cls, d: dict) -> QwenPreprocessSpec:
         """The spec from its manifest object; ValueError (one line) for a missing, unknown or bad field."""
-        if not isinstance(d, dict):
-            raise ValueError(f"Qwen preprocess spec: expected an object, got {type(d).__name__}")  # noqa: TRY004
-        names = [f.name for f in fields(cls)]
-        missing, unknown = [n for n in names if n not in d], sorted(set(d) - set(names))
-        if missing or unknown:
-            raise ValueError(f"Qwen preprocess spec: missing {missing}, unknown {unknown}; re-export the engine")
-        kw = dict(d)
-        for key in ("mean", "std"):
-            if not isinstance(kw[key], (list, tuple)):
-                raise ValueError(  # noqa: TRY004  (a bad manifest value: ValueError, as documented)
-                    f"Qwen preprocess spec: {key} must be a list of 3 numbers, got {kw[key]!r}")
-            kw[key] = tuple(kw[key])
+        kw = spec_kwargs(cls, d, "Qwen preprocess spec")
         return cls(**kw)
 
 
