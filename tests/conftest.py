@@ -100,7 +100,7 @@ def tiny_llava():
 
 @pytest.fixture(scope="session")
 def export_once(tmp_path_factory):
-    """export_once(preset, *args) -> engine dir: `python -m export.build --model preset *args`, run once
+    """export_once(model, *args) -> engine dir: `python -m export.build --model model *args`, run once
     per test session for each argument list, so test files that need the same engine share one export
     (each tiny family export is 20-30 s on 2 cores). Callers must not modify the directory."""
     from export.build import build, parse_args
@@ -110,7 +110,7 @@ def export_once(tmp_path_factory):
     def get(preset: str, *args: str) -> Path:
         key = (preset, *args)
         if key not in cache:
-            out = tmp_path_factory.mktemp("engines") / preset
+            out = tmp_path_factory.mktemp("engines") / Path(preset).name  # a preset or a checkpoint dir
             build(parse_args(["--model", preset, *args, "--out", str(out)]))
             cache[key] = out
         return cache[key]

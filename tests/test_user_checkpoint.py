@@ -54,13 +54,8 @@ def user_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(user_checkpoint, tmp_path_factory):
-    from export.build import build, parse_args
-
-    out = tmp_path_factory.mktemp("engines") / "my-llava"
-    build(parse_args(["--model", str(user_checkpoint), "--out", str(out), "--max-seq", "512",
-                      "--max-context", "1024"]))
-    return out
+def exported(user_checkpoint, export_once):
+    return export_once(str(user_checkpoint), "--max-seq", "512", "--max-context", "1024")
 
 
 @pytest.fixture(scope="module")

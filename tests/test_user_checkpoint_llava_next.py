@@ -82,13 +82,8 @@ def user_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def exported(user_checkpoint, tmp_path_factory):
-    from export.build import build, parse_args
-
-    out = tmp_path_factory.mktemp("engines") / "my-llava-next"
-    build(parse_args(["--model", str(user_checkpoint), "--out", str(out), "--max-seq", "1536",
-                      "--max-context", "2048"]))
-    return out
+def exported(user_checkpoint, export_once):
+    return export_once(str(user_checkpoint), "--max-seq", "1536", "--max-context", "2048")
 
 
 @pytest.fixture(scope="module")
