@@ -93,8 +93,8 @@ def run_case(name: str, threads: int, repeats: int, shape=None) -> dict:
     if not np.array_equal(keep_old, keep_new):
         raise ValueError(f"{name}: DartPrune and DartPruneSlots kept different tokens")
     return {"case": name, "seq": S, "span_start": a, "span_len": L, "hidden": D, "key_dim": F, "quota": T,
-            "kept": kept, "DartPrune_ms": round(old_ms, 3), "DartPrune_min_ms": round(old_min, 3),
-            "DartPruneSlots_ms": round(new_ms, 3), "DartPruneSlots_min_ms": round(new_min, 3),
+            "kept": kept, "DartPrune_ms": round(old_ms, 4), "DartPrune_min_ms": round(old_min, 4),
+            "DartPruneSlots_ms": round(new_ms, 4), "DartPruneSlots_min_ms": round(new_min, 4),
             "ratio": round(new_ms / old_ms, 3)}
 
 
