@@ -141,6 +141,18 @@ def _top_pivots(g: _Body, scores: str, B: str, M: str, start: str, end: str) -> 
     return idx
 
 
+def _unit_rows(g: _Body, hidden: str, B: str, pivots: str, M: int) -> tuple[str, str]:
+    """fp32 hidden states with every row divided by max(its L2 norm, 1e-8), as torch's
+    cosine_similarity does, (B, S, D); and the pivots' rows of it, (B, M, D)."""
+    h = g.op("Cast", hidden, to=TensorProto.FLOAT)  # (B, S, D)
+    norm = g.reduce("ReduceL2", h, axis=2, keepdims=1)  # (B, S, 1)
+    hn = g.op("Div", h, g.op("Max", norm, g.const(1e-8, np.float32)))  # (B, S, D)
+    D = g.op("Gather", g.op("Shape", hn), g.const([2]))  # (1,)
+    rows = g.op("Expand", g.op("Unsqueeze", pivots, g.const([2])),
+                g.op("Concat", B, g.const([M]), D, axis=0))  # (B, M, D)
+    return hn, g.op("GatherElements", hn, rows, axis=1)
+
+
 def _body(opset: int, M: int, N: int) -> list[onnx.NodeProto]:
     g = _Body(opset)
     hidden, keys, a, L, q = INPUTS
@@ -163,14 +175,8 @@ def _body(opset: int, M: int, N: int) -> list[onnx.NodeProto]:
     S_1 = g.op("Sub", S, g.const(1))
     pivots = g.op("Max", g.op("Min", pivots, S_1), g.const(0))  # invalid slots clamped in range
 
-    # Cosine similarity, fp32, rows normalised by max(norm, 1e-8) as torch's cosine_similarity.
-    h = g.op("Cast", hidden, to=TensorProto.FLOAT)  # (B, S, D)
-    norm = g.reduce("ReduceL2", h, axis=2, keepdims=1)  # (B, S, 1)
-    hn = g.op("Div", h, g.op("Max", norm, g.const(1e-8, np.float32)))  # (B, S, D)
-    D = g.op("Gather", g.op("Shape", hn), g.const([2]))  # (1,)
-    rows = g.op("Expand", g.op("Unsqueeze", pivots, g.const([2])),
-                g.op("Concat", B, g.const([M]), D, axis=0))  # (B, M, D)
-    piv = g.op("GatherElements", hn, rows, axis=1)  # (B, M, D)
+    # Cosine similarity, fp32, rows normalised as torch's cosine_similarity.
+    hn, piv = _unit_rows(g, hidden, B, pivots, M)
     span = g.op("Slice", hn, g.vec(a), g.vec(aL), g.const([1]))  # (B, L, D)
     cos = g.op("MatMul", piv, g.op("Transpose", span, perm=[0, 2, 1]))  # (B, M, L)
     pad = g.fill([B, g.const([M]), g.vec(g.op("Sub", g.const(N), L))], np.inf)  # (B, M, N - L)

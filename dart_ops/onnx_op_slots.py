@@ -61,7 +61,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, inliner
 
-from dart_ops.onnx_op import ATTRIBUTES, IR_VERSION, _Body, _counts, check_sizes, dart_node
+from dart_ops.onnx_op import ATTRIBUTES, IR_VERSION, _Body, _counts, _unit_rows, check_sizes, dart_node
 from dart_ops.spec import MAX_PIVOTS, MAX_SPAN, OP_DOMAIN, OP_VERSION, kept_len
 
 OP_NAME = "DartPruneSlots"
@@ -105,13 +105,7 @@ def _pivots(g: _Body, scores: str, B: str, S: str, a: str, L: str, pi: str, M: i
 def _cosines(g: _Body, hidden: str, B: str, pivots: str, win_tok: str, in_win: str, M: int) -> str:
     """(B, M, N) fp32 cosine of each pivot with each window position, +inf where invalid; rows
     normalised by max(norm, 1e-8) as torch's cosine_similarity."""
-    h = g.op("Cast", hidden, to=TensorProto.FLOAT)  # (B, S, D)
-    norm = g.reduce("ReduceL2", h, axis=2, keepdims=1)  # (B, S, 1)
-    hn = g.op("Div", h, g.op("Max", norm, g.const(1e-8, np.float32)))  # (B, S, D)
-    D = g.op("Gather", g.op("Shape", hn), g.const([2]))  # (1,)
-    rows = g.op("Expand", g.op("Unsqueeze", pivots, g.const([2])),
-                g.op("Concat", B, g.const([M]), D, axis=0))  # (B, M, D)
-    piv = g.op("GatherElements", hn, rows, axis=1)  # (B, M, D)
+    hn, piv = _unit_rows(g, hidden, B, pivots, M)  # (B, S, D), (B, M, D)
     cos = g.op("MatMul", piv, g.op("Transpose", hn, perm=[0, 2, 1]))  # (B, M, S)
     cos = g.op("Gather", cos, win_tok, axis=2)  # (B, M, N)
     return g.op("Where", in_win, cos, g.const(np.inf, np.float32))  # (B, M, N)
