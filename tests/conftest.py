@@ -90,6 +90,13 @@ def golden_cases():
 
 
 @pytest.fixture(scope="session")
+def golden():
+    """The golden file's entries as a dict of arrays (format checked), for tests that index c{i}_* keys."""
+    with open_golden(DATA / GOLDEN_NAME) as d:
+        return {k: d[k] for k in d.files}
+
+
+@pytest.fixture(scope="session")
 def tiny_llava():
     """The seeded random-weight llava-tiny model (built once per test session)."""
     pytest.importorskip("transformers")

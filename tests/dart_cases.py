@@ -1,17 +1,16 @@
 """Cases and the reference the tests of both DART ONNX ops share (tests/test_onnx_op.py for DartPrune,
-tests/test_onnx_op_slots.py for DartPruneSlots): the golden file, the ops a body must not hold, the
-reference selection, inputs full of exact ties, and the degenerate spans."""
+tests/test_onnx_op_slots.py for DartPruneSlots): the ops a body must not hold, the reference
+selection, inputs full of exact ties, the degenerate spans, and one ONNX Runtime
+session per op configuration. (The golden file is conftest.py's `golden` fixture.)"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
+import onnxruntime as ort
 import torch
 
 from dart_ops.reference import select_keep
 
-GOLDEN = Path(__file__).parent / "data" / "dart_llava_golden.npz"
 FORBIDDEN = {"NonZero", "Loop", "If", "Scan"}
 
 DEGENERATE = [  # (label, S, a, L, q)
@@ -54,3 +53,18 @@ def tied_case(rng, S, batch=2, dim=16, key_dim=8, n_hidden=5, n_keys=6):
         cos = np.unique(np.round(unit @ unit.transpose(0, 2, 1), 12))  # every pivot-token value
         if np.all(np.diff(cos) > 1e-4):
             return hidden.astype(np.float32), keys.astype(np.float32)
+
+
+def session_cache(build):
+    """get(*args, **kw): one ONNX Runtime CPU session per distinct arguments, over the model that
+    build(*args, **kw) returns; reused for every later call with the same arguments."""
+    cache = {}
+
+    def get(*args, **kw):
+        key = (args, tuple(sorted(kw.items())))
+        if key not in cache:
+            model = build(*args, **kw)
+            cache[key] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return cache[key]
+
+    return get

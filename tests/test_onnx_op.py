@@ -8,8 +8,7 @@ import onnx
 import onnx.inliner
 import onnxruntime as ort
 import pytest
-from conftest import open_golden
-from dart_cases import DEGENERATE, FORBIDDEN, GOLDEN, reference, tied_case
+from dart_cases import DEGENERATE, FORBIDDEN, reference, session_cache, tied_case
 from onnx import numpy_helper
 
 from dart_ops import onnx_op
@@ -17,25 +16,9 @@ from dart_ops.spec import MAX_SPAN, OP_DOMAIN, OP_NAME, effective_counts
 
 
 @pytest.fixture(scope="module")
-def golden():
-    with open_golden(GOLDEN) as d:  # format checked (conftest.py)
-        return {k: d[k] for k in d.files}
-
-
-@pytest.fixture(scope="module")
 def session():
     """session(pivots_image, pivots_text, opset=17, **kw): one ORT session per config, reused."""
-    cache = {}
-
-    def get(pi, pt, opset=17, **kw):
-        key = (pi, pt, opset, tuple(sorted(kw.items())))
-        if key not in cache:
-            model = onnx_op.standalone_model(pi, pt, opset, **kw)
-            cache[key] = ort.InferenceSession(
-                model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return cache[key]
-
-    return get
+    return session_cache(lambda pi, pt, opset=17, **kw: onnx_op.standalone_model(pi, pt, opset, **kw))
 
 
 def check(sess, hidden, keys, a, L, q, pi, pt):

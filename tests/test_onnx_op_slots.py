@@ -10,8 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import open_golden
-from dart_cases import FORBIDDEN, GOLDEN, reference, tied_case
+from dart_cases import FORBIDDEN, reference, session_cache, tied_case
 from onnx import TensorProto, helper, inliner, numpy_helper
 
 from dart_ops import onnx_op
@@ -23,24 +22,9 @@ _NP = {"int64": np.int64, "int32": np.int32}
 
 
 @pytest.fixture(scope="module")
-def golden():
-    with open_golden(GOLDEN) as d:  # format checked (conftest.py)
-        return {k: d[k] for k in d.files}
-
-
-@pytest.fixture(scope="module")
 def session():
     """session(pivots_image, pivots_text, **standalone_model kwargs): one ORT session per config."""
-    cache = {}
-
-    def get(pi, pt, **kw):
-        key = (pi, pt, tuple(sorted(kw.items())))
-        if key not in cache:
-            model = slots.standalone_model(pi, pt, **kw)
-            cache[key] = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return cache[key]
-
-    return get
+    return session_cache(slots.standalone_model)
 
 
 def check(sess, hidden, keys, a, L, q, pi, pt, index_dtype="int64"):
