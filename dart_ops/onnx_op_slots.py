@@ -72,8 +72,6 @@ NODE_PREFIX = "DartPruneSlots/"
 FLOAT_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
 INDEX_DTYPES = {"int64": TensorProto.INT64, "int32": TensorProto.INT32}
 SLOT_DTYPES = {**INDEX_DTYPES, **FLOAT_DTYPES, "bool": TensorProto.BOOL}
-_NP_DTYPES = {TensorProto.INT64: np.int64, TensorProto.INT32: np.int32, TensorProto.FLOAT: np.float32,
-              TensorProto.FLOAT16: np.float16, TensorProto.BOOL: np.bool_}
 
 
 def _pivots(g: _Body, scores: str, B: str, S: str, a: str, L: str, pi: str, M: int, N: int):

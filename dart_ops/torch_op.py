@@ -42,7 +42,7 @@ def dart_prune(
     if keep.shape[1] != kept_slots.shape[-1]:
         raise ValueError(f"dart::prune: kept_slots has {kept_slots.shape[-1]} slots but DART keeps {keep.shape[1]} "
                          f"tokens (S={hidden.shape[1]}, span [{int(span_start)}, +{int(span_len)}), quota "
-                         f"{int(quota)}): size it with dart_ops.spec.effective_counts(...).kept_len(S)")
+                         f"{int(quota)}): size it with dart_ops.spec.kept_len")
     return keep
 
 

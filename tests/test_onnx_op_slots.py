@@ -173,7 +173,7 @@ def test_kept_slots_values_are_ignored(slots_dtype):
     hidden, keys = tied_case(np.random.default_rng(9), 90)
     want = reference(hidden, keys, 6, 70, 3, 4, 4)
     kept = want.shape[-1]
-    slot_type = slots._NP_DTYPES[slots.SLOT_DTYPES[slots_dtype]]
+    slot_type = helper.tensor_dtype_to_np_dtype(slots.SLOT_DTYPES[slots_dtype])
     scalars = {name: np.asarray(v, np.int32) for name, v in zip(slots.INPUTS[2:5], (6, 70, 3))}
     for fill in (0, 1):
         feeds = {"hidden": hidden, "keys": keys, **scalars, "kept_slots": np.full((2, kept), fill, slot_type)}
