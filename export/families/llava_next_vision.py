@@ -11,7 +11,7 @@ geometry depends on the image size, so here it is one Gather from
 `concat(features.reshape(crops * N, D), image_newline[None])` with a precomputed `pack_index`
 (row `crops * N` is the newline). No data-dependent control flow: "crops" and "vision_tokens" (L)
 stay dynamic in ONNX, and TensorRT sees only a Gather (notes/families.md section 4). pack_index is
-int32 and feeds that Gather with no Cast (qwen_vision.gather_rows): TensorRT 10.3's parser casts
+int32 and feeds that Gather with no Cast (vision_io.gather_rows): TensorRT 10.3's parser casts
 int64 indices on non-int64 data to int32 anyway ([P] onnxOpImporters.cpp 1935-1939;
 docs/TENSORRT_10.3.md sections 3 and 7), and plain `table[pack_index]` would export as GatherND,
 int64-only in ONNX.
@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from export.families.qwen_vision import VisionIO, gather_rows
+from export.families.vision_io import VisionIO, gather_rows
 from runtime.manifest import INDEX_DTYPE
 
 __all__ = ["LlavaNextVisionStage", "example_inputs", "hf_pack_index", "make_stage", "num_crops", "stage_decl",

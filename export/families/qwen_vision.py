@@ -18,13 +18,9 @@ attention over the image. Qwen2.5-VL's window blocks gather q, k, v into padded 
 [Wn, H, P, dh], mask the padding keys and gather the P-slot rows back with win_unpad: Gathers only,
 O(N * P) work.
 
-Every index input is int32 and reaches an ONNX Gather directly, with no Cast: TensorRT 10.3's parser
-casts int64 Gather indices on non-int64 data to int32 ([P] onnxOpImporters.cpp 1935-1939), and its
-Gather layer takes int32 natively ([H] NvInfer.h 2562); docs/TENSORRT_10.3.md sections 3 and 7.
-Every row gather here is `gather_rows` (an embedding lookup): plain indexing (`x[index]`) exports as
-Unsqueeze + GatherND, whose ONNX indices must be int64 (section 6), and torch.index_select's ONNX
-translation inserts a Cast to int64 before its Gather. vision_position_ids is only cast to float
-(HF's rotary angles).
+Every index input is int32 and every row gather here is export.families.vision_io.gather_rows (one
+ONNX Gather on the int32 index, no Cast; that module says why). vision_position_ids is only cast to
+float (HF's rotary angles).
 
 Dynamic axes: "patches" (N), "merged" (M) and "windows" (Wn), one torch.export.Dim each as
 export/declare.py makes them. N = merge**2 * M always holds (the runtime computes both from the
@@ -36,17 +32,16 @@ torch.onnx.export(dynamo=True) applies that suggested fix itself and keeps the a
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from export.families.vision_io import VisionIO, gather_rows
 from runtime.manifest import INDEX_DTYPE
 from runtime.qwen_vision import QwenVisionConfig, vision_inputs
 
 __all__ = ["QWEN_VISION_MODULES", "Qwen2VisionStage", "Qwen25VisionStage", "VisionIO", "example_inputs",
-           "gather_rows", "make_stage", "stage_io", "torch_dynamic_shapes", "vision_config"]
+           "make_stage", "stage_io", "torch_dynamic_shapes", "vision_config"]
 
 # model_type -> the transformers module holding the vision tower's eager attention and rotary helper.
 QWEN_VISION_MODULES = {
@@ -64,14 +59,6 @@ def vision_config(hf_config) -> QwenVisionConfig:
     extra = {"window_size": v.window_size} if kind == "qwen2_5_vl" else {}
     return QwenVisionConfig(kind=kind, patch=v.patch_size, merge=v.spatial_merge_size,
                             temporal=v.temporal_patch_size, channels=v.in_channels, **extra)
-
-
-def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table[index] along dim 0 for int32 (or int64) indices of any shape: (R, *rest) -> (*index.shape,
-    *rest). Exported as one ONNX Gather on the index itself (torch's embedding translation adds no Cast),
-    so an int32 graph input reaches TensorRT's Gather as int32 (module docstring)."""
-    rows = F.embedding(index, table.reshape(table.shape[0], -1))  # (*index.shape, prod(rest))
-    return rows.reshape(*index.shape, *table.shape[1:])
 
 
 class _VisionStage(nn.Module):
@@ -166,18 +153,6 @@ def make_stage(model: nn.Module) -> _VisionStage:
     visual = inner.visual
     kind = vision_config(model.config).kind
     return Qwen2VisionStage(visual) if kind == "qwen2_vl" else Qwen25VisionStage(visual)
-
-
-@dataclass(frozen=True)
-class VisionIO:
-    """The vision graph's tensors: (name, dtype, dims) per input in order and for the output. dims:
-    ints, or axis names "patches" (N), "merged" (M, = N / merge**2), "windows" (Wn)."""
-
-    inputs: tuple[tuple[str, str, tuple[int | str, ...]], ...]
-    output: tuple[str, str, tuple[int | str, ...]]
-
-    def input_names(self) -> list[str]:
-        return [name for name, _, _ in self.inputs]
 
 
 def stage_io(cfg: QwenVisionConfig, out_dim: int, dtype: str = "float32") -> VisionIO:
