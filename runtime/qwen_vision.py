@@ -28,12 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import InputError
+from runtime.preprocess import MAX_IMAGE_PIXELS
 
 __all__ = ["KINDS", "MAX_PATCHES", "QwenVisionConfig", "padded_windows", "vision_inputs", "vision_position_ids",
            "window_layout"]
 
 KINDS = ("qwen2_vl", "qwen2_5_vl")
-MAX_PATCHES = 1 << 26  # runtime.preprocess.MAX_IMAGE_PIXELS: no image gives more patches than pixels
+MAX_PATCHES = MAX_IMAGE_PIXELS  # no image the runtime accepts gives more patches than pixels
 INT32_MAX = np.iinfo(np.int32).max
 
 
