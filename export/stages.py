@@ -116,6 +116,17 @@ def export_vision_encoder(module, decl: StageDecl, axes: dict[str, Axis], opset:
     return _save(model, out / decl.file, force_external=False)
 
 
+class EmbedTokens(torch.nn.Module):
+    """The embed_tokens stage of every family: the HF model's input embedding, (B, S) ids -> (B, S, D)."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.embed = hf.get_input_embeddings()
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
 def export_embed_tokens(module, decl: StageDecl, axes: dict[str, Axis], opset: int, out: Path):
     model = _export_decl(module, decl, axes, opset)
     return _save(model, out / decl.file, force_external=False)

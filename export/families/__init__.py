@@ -125,11 +125,11 @@ class Family:
         """embed_tokens (the input embedding) and decoder (FlatDecoder: DartDecoder on the family's
         text adapter with DART's layer and pivots), the same for every family."""
         from dart_ops.decoder import DartDecoder, FlatDecoder
-        from export.families.llava import EmbedTokens
+        from export.stages import EmbedTokens
 
         decoder = DartDecoder(self.text_adapter(hf), layer=dart.layer, pivots_image=dart.pivots_image,
                               pivots_text=dart.pivots_text)
-        return {"embed_tokens": EmbedTokens.build(hf), "decoder": FlatDecoder(decoder).eval()}
+        return {"embed_tokens": EmbedTokens(hf).eval(), "decoder": FlatDecoder(decoder).eval()}
 
     def apply_limits(self, loaded: Loaded, cfg) -> None:
         """Apply the export's size limits (export.build.BuildConfig) to what `load` recorded. Default:

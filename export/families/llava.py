@@ -236,22 +236,6 @@ class VisionEncoder:
         return _VisionEncoder().eval()
 
 
-class EmbedTokens:
-    @staticmethod
-    def build(model):
-        import torch
-
-        class _EmbedTokens(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.embed = model.get_input_embeddings()
-
-            def forward(self, input_ids):
-                return self.embed(input_ids)  # (B, S) -> (B, S, D)
-
-        return _EmbedTokens().eval()
-
-
 class LlavaFamily(Family):
     name = "llava"
     presets = {
